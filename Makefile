@@ -1,0 +1,18 @@
+# The two commands of the quick start. Both set up .venv first (idempotent).
+.PHONY: setup quickstart test test-all
+
+setup:
+	./scripts/setup.sh
+
+# The main job on the embedded default: the quick start sweep, then its table.
+quickstart: setup
+	.venv/bin/bench sweep sweeps/quickstart.yaml
+	.venv/bin/bench table --runs runs/quickstart --metric ood_avg
+
+# The default test suite (what CI runs).
+test: setup
+	.venv/bin/python -m pytest -q
+
+# Everything, slow tests included.
+test-all: setup
+	.venv/bin/python -m pytest -q -m ''

@@ -1,0 +1,214 @@
+"""Typed run configuration: frozen dataclasses, validated in full when loaded.
+
+A run is described by one YAML file (or a dict from a sweep). Unknown keys and
+type mismatches fail at load time with one line naming the file, the key and
+the valid keys, before anything expensive runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from bench.errors import BenchError
+
+# Bump when a change makes old results incomparable (splits, evaluation, training loop semantics).
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "TinyCLIP-32"
+    # An open_clip pretrained tag ("openai"), a local checkpoint path, "embedded"
+    # (the project's own tiny CLIP, shipped in bench/assets) or null for random init.
+    pretrained: str | None = "embedded"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "embedded"  # a card name from datasets/ or a path to a card YAML
+    root: str = "data"  # folder holding the datasets' folders (not part of a job's identity)
+    test_domains: tuple[str, ...] = ("sketch",)
+    holdout_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 64  # examples per step in total, drawn evenly from the training domains
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    augment: bool = True  # open_clip's training transform (RandomResizedCrop 0.9-1); False = eval transform
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    save_final: bool = True  # keep the final trained weights (needed by post-hoc WiSE-FT)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "erm"
+    hparams: Mapping[str, Any] = field(default_factory=dict)  # the method's own hyperparameters
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trial_seed: int = 0  # decides the data split; the training seed is derived from everything
+    plugins: tuple[str, ...] = ()  # Python files that register extra methods
+
+
+# Keys that say where or how a job runs, not what it computes: left out of its identity.
+_NOT_IDENTITY = {("data", "root"), ("train", "num_workers"), ("train", "device"), ("train", "eval_batch_size"),
+                 ("train", "save_final"), ("plugins",)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, source)
+            except BenchError:
+                continue
+        raise BenchError(f"{source}: key '{where}' must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise BenchError(f"{source}: key '{where}' must be a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise BenchError(f"{source}: key '{where}' must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, prefix=f"{where}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise BenchError(f"{source}: key '{where}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, source: str = "config", prefix: str = "") -> Any:
+    """Build the frozen dataclass `cls` from a mapping; unknown keys and wrong types raise BenchError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise BenchError(f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise BenchError(f"{source}: unknown key '{prefix}{key}': {hint}valid keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-able dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def merge(base: Mapping, override: Mapping) -> dict:
+    """Deep-merge two plain dicts (override wins); mappings merge, everything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "hparams":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str, source: str = "--set") -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise BenchError(f"{source}: expected KEY=VALUE (e.g. train.steps=100), got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"{path}: no such file; check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise BenchError(f"{path}:{where} malformed YAML ({problem}); fix the syntax") from None
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    data = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    for text in overrides:
+        data = merge(data or {}, parse_override(text))
+    return from_dict(RunConfig, data, source)
+
+
+def identity(cfg: RunConfig) -> dict:
+    """What a job computes, without where or how it runs: the input of its id."""
+    d = to_dict(cfg)
+    for path in _NOT_IDENTITY:
+        node = d
+        for part in path[:-1]:
+            node = node[part]
+        node.pop(path[-1], None)
+    d["protocol_version"] = PROTOCOL_VERSION
+    return d
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def job_id(cfg: RunConfig) -> str:
+    return stable_hash(identity(cfg))
+
+
+def seed_hash(*args: Any) -> int:
+    """A 31-bit seed from any JSON-able arguments (DomainBed's seed_hash, made stable across runs)."""
+    return int(stable_hash(args, 16), 16) % (2**31)

@@ -1,0 +1,71 @@
+"""Evaluation: accuracy of a method on every eval set of a task, as long-format rows."""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+
+from bench.data import EvalSet, ImageItems, Task
+from bench.method import Method
+
+log = logging.getLogger(__name__)
+
+_CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+class EvalData:
+    """Eval-transformed images of each eval set; kept in memory when they fit (they never change)."""
+
+    def __init__(self, task: Task, transform, batch_size: int, num_workers: int = 0):
+        self.task, self.transform = task, transform
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._cacheable: bool | None = None
+
+    def _loader(self, es: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(ImageItems(es.items, self.transform), batch_size=self.batch_size,
+                                             num_workers=self.num_workers)
+        for x, y, _ in loader:
+            yield x, y
+
+    def batches(self, i: int, es: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if i in self._cache:
+            yield from self._cache[i]
+            return
+        batches = []
+        for x, y in self._loader(es):
+            if self._cacheable is None:
+                total = sum(len(e.items) for e in self.task.evalsets)
+                self._cacheable = total * x[0].numel() * x.element_size() < _CACHE_LIMIT_BYTES
+            if self._cacheable:
+                batches.append((x, y))
+            yield x, y
+        if self._cacheable:
+            self._cache[i] = batches
+
+
+@torch.no_grad()
+def evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast) -> list[dict]:
+    was_training = method.training
+    method.eval()
+    method.eval_cache_clear()
+    rows = []
+    unseen_head = None
+    for i, es in enumerate(data.task.evalsets):
+        correct = total = 0
+        for x, y in data.batches(i, es):
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            with autocast():
+                if es.classes == "seen":
+                    logits = method.predict(x)
+                else:
+                    if unseen_head is None:
+                        unseen_head = method.text_head(data.task.unseen_names)
+                    logits = method.encode_image(x) @ unseen_head.t().to(x.dtype if x.is_floating_point() else None)
+            correct += (logits.float().argmax(-1) == y).sum().item()
+            total += len(y)
+        rows.append({"step": step, "role": es.role, "domain": es.domain, "split": es.split, "metric": "acc",
+                     "value": correct / max(total, 1), "n": total})
+    method.train(was_training)
+    return rows

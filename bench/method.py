@@ -1,0 +1,174 @@
+"""The method contract and its registry.
+
+A method states which parameters train and returns a loss for a batch; the one
+shared trainer (bench.train) owns the optimizer, schedule, precision, clipping,
+checkpointing and evaluation, so every method gets the same protocol.
+
+    @register_method("my_method")
+    class MyMethod(Method):
+        @dataclass(frozen=True)
+        class Hparams:
+            lam: float = 1.0
+            SEARCH = {"lam": ("log10_uniform", -2, 1)}   # optional: the random-search space
+
+        def __init__(self, clip, task, hparams):
+            super().__init__(clip, task, hparams)
+            self.train_only(self.model.visual)          # what trains
+
+        def loss(self, batch):
+            return F.cross_entropy(self.predict(batch["images"]), batch["labels"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import text
+from bench.config import from_dict
+from bench.data import Task
+from bench.errors import BenchError
+from bench.models import Clip
+from bench.registry import Registry
+
+log = logging.getLogger(__name__)
+
+METHODS: Registry[type["Method"]] = Registry("method")
+register_method = METHODS.register
+
+
+@dataclass(frozen=True)
+class NoHparams:
+    pass
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `Hparams` (a frozen dataclass), decide what trains, and define `loss`."""
+
+    name: ClassVar[str]
+    Hparams: ClassVar[type] = NoHparams
+    trains: ClassVar[bool] = True  # False: evaluated as is (the zero-shot baseline)
+
+    def __init__(self, clip: Clip, task: Task, hparams: Any):
+        super().__init__()
+        self.model = clip.model
+        self.clip = clip
+        self.task = task
+        self.hparams = hparams
+        self.model.requires_grad_(False)
+        self.logit_scale_init = float(self.model.logit_scale.exp().item())
+        self.templates = list(task.templates)
+
+    # ---- what trains ----------------------------------------------------------------------
+    def train_only(self, *modules: nn.Module | nn.Parameter) -> None:
+        for m in modules:
+            if isinstance(m, nn.Parameter):
+                m.requires_grad_(True)
+            else:
+                m.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state that training changes: trainable parameters (frozen ones come from the pretrained model)."""
+        return {n: p.detach().clone() for n, p in self.trainable_parameters()}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        missing = [n for n, _ in self.trainable_parameters() if n not in state]
+        if missing:
+            raise BenchError(f"checkpoint lacks trained parameters {missing[:3]}; it belongs to another method")
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+
+    # ---- the loss: what a method must define ------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # ---- inference: used by evaluation --------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def text_head(self, classnames: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        """(K, D) template-averaged class embeddings from the current text tower."""
+        device = next(self.model.parameters()).device
+        raw = text.raw_embeddings(self.model.encode_text, self.clip.tokenize, classnames,
+                                  templates or self.templates, device)
+        return text.class_weights(raw)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over the task's seen classes."""
+        return self.logit_scale_init * self.encode_image(images) @ self.seen_head().t()
+
+    def seen_head(self) -> torch.Tensor:
+        return self.text_head(self.task.seen_names)
+
+    def eval_cache_clear(self) -> None:
+        """Called before each evaluation; methods caching text heads drop them here."""
+
+
+def resolve_hparams(method: str, hparams: dict | None, source: str = "config") -> Any:
+    cls = METHODS.get(method)
+    return from_dict(cls.Hparams, hparams or {}, source, prefix="hparams.")
+
+
+def build_method(name: str, clip: Clip, task: Task, hparams: dict | None, source: str = "config") -> Method:
+    cls = METHODS.get(name)
+    return cls(clip, task, resolve_hparams(name, hparams, source))
+
+
+# ---- plugins: methods from the user's own files ----------------------------------------------
+_BUILTINS_LOADED = False
+
+
+def load_builtin_methods() -> None:
+    """Import the shipped methods (the explicit list in methods/__init__.py) and entry points."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    importlib.import_module("methods")
+    for ep in importlib.metadata.entry_points(group="rft_bench.methods"):
+        try:
+            ep.load()
+        except Exception as err:  # noqa: BLE001
+            raise BenchError(f"entry point {ep.name} = {ep.value} failed to import: {err}; fix or uninstall it") from None
+
+
+def load_plugin(path: str | Path) -> None:
+    """Import a user's Python file so that its @register_method classes join the registry."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise BenchError(f"plugin {path} not found; give the path of a .py file that registers methods")
+    module_name = f"rft_bench_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+    if module_name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BenchError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        del sys.modules[module_name]
+        raise BenchError(f"plugin {path} failed to import ({type(err).__name__}: {err}); fix the file") from None
+
+
+def hparams_dict(hparams: Any) -> dict:
+    return dataclasses.asdict(hparams) if dataclasses.is_dataclass(hparams) else dict(hparams)

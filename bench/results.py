@@ -1,0 +1,74 @@
+"""Run folders on disk: config, long-format results (one metric per row), checkpoints, markers.
+
+    <run>/config.json      the resolved config, job id, versions
+    <run>/results.jsonl    {"step", "role", "domain", "split", "metric", "value", "n"} per line, flushed per eval
+    <run>/checkpoint.pt    the latest training state (atomic), for resume
+    <run>/final.pt         the trained weights at the last step (for post-hoc WiSE-FT)
+    <run>/done             written last
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CONFIG, RESULTS, CHECKPOINT, FINAL, DONE = "config.json", "results.jsonl", "checkpoint.pt", "final.pt", "done"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results file; a corrupt or truncated line is skipped with a warning naming file and line."""
+    rows = []
+    if not path.is_file():
+        return rows
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+                rows.append(row)
+            except ValueError:
+                log.warning("%s:%d: skipping a corrupt results line", path, lineno)
+    return rows
+
+
+class ResultsWriter:
+    """Appends result rows; on resume from step s, drops rows logged after s so the file equals an unbroken run's."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            atomic_write_text(path, "")
+        else:
+            kept = [r for r in read_rows(path) if r.get("step", 0) <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, rows: Iterable[dict]) -> None:
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,242 @@
+"""The one training loop every method shares.
+
+Reads top to bottom: build the model, data and method; AdamW with linear warmup and
+cosine decay; gradient clipping; bf16 autocast on CUDA; evaluation every
+`eval_every` steps (and at step 0 and the last step), a checkpoint every
+`checkpoint_every` steps, resume from the latest checkpoint. Every random draw
+of step s depends only on (run seed, s), so a resumed run equals an unbroken one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import config as C
+from bench import results as R
+from bench.data import ImageItems, StepSampler, build_task, ensure_generated, load_card
+from bench.errors import BenchError
+from bench.evaluate import EvalData, evaluate
+from bench.method import METHODS, build_method, hparams_dict, load_builtin_methods, load_plugin, resolve_hparams
+from bench.models import load_clip
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"train.device: {name!r} asked for, but no CUDA device is visible; set train.device: auto")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision not in ("auto", "fp32", "bf16"):
+        raise BenchError(f"train.precision: {precision!r} is not one of auto, fp32, bf16")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine to 0 (wise-ft's cosine_lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(named_params, weight_decay: float) -> list[dict]:
+    """No weight decay on gains, biases and the logit scale (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        (no_decay if p.ndim < 2 or "logit_scale" in name or name.endswith("bias") else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class Prepared:
+    """A run's config with everything resolved, before anything expensive happens."""
+
+    cfg: C.RunConfig
+    hparams: object
+    job_id: str
+    seed: int
+    source: str
+
+
+def prepare(cfg: C.RunConfig, source: str = "config") -> Prepared:
+    """Validate a config in full (plugins, method, hparams, dataset card, domains) and compute its id."""
+    load_builtin_methods()
+    for plugin in cfg.plugins:
+        load_plugin(plugin)
+    if cfg.method not in METHODS:
+        raise BenchError(f"{source}: method: {METHODS.unknown_message(cfg.method)}")
+    hparams = resolve_hparams(cfg.method, dict(cfg.hparams), source)
+    try:
+        card = load_card(cfg.data.dataset)
+    except BenchError as err:
+        raise BenchError(f"{source}: data.dataset: {err}") from None
+    bad = [d for d in cfg.data.test_domains if d not in card.domains]
+    if bad:
+        raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a domain of {card.name}; "
+                         f"its domains are {', '.join(card.domains)}")
+    ident = C.identity(cfg)
+    ident["hparams"] = hparams_dict(hparams)
+    seed = C.seed_hash("train", ident)
+    return Prepared(cfg, hparams, C.stable_hash(ident), seed, source)
+
+
+def _check_folder_is_ours(run_dir: Path, prep: Prepared) -> None:
+    path = run_dir / R.CONFIG
+    if path.is_file():
+        other = json.loads(path.read_text()).get("job_id")
+        if other != prep.job_id:
+            raise BenchError(f"{run_dir} holds another job ({other}); choose another output folder")
+
+
+def _write_config(run_dir: Path, prep: Prepared) -> None:
+    record = {"job_id": prep.job_id, "config": C.to_dict(prep.cfg), "hparams": hparams_dict(prep.hparams),
+              "seed": prep.seed, "protocol_version": C.PROTOCOL_VERSION, "git_commit": git_commit(),
+              "torch": torch.__version__, "python": platform.python_version()}
+    path = run_dir / R.CONFIG
+    if not path.is_file():
+        R.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
+
+
+def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: str = "config",
+        stop_after: int | None = None) -> Path:
+    """Train and evaluate one run in `run_dir`; resumes if a checkpoint is there, returns at once if done.
+
+    stop_after: leave after this many steps (tests use it to simulate a crash)."""
+    prep = prepare(cfg, source)
+    run_dir = Path(run_dir)
+    _check_folder_is_ours(run_dir, prep)
+    if (run_dir / R.DONE).is_file():
+        log.info("%s is done already", run_dir)
+        return run_dir
+    card = load_card(cfg.data.dataset)
+    ensure_generated(card, cfg.data.root, progress)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    autocast = autocast_for(tc.precision, device)
+    task = build_task(card, cfg.data.root, cfg.data.test_domains, cfg.data.holdout_fraction, cfg.trial_seed, source)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, prep)
+
+    torch.manual_seed(prep.seed)
+    clip = load_clip(cfg.model.name, cfg.model.pretrained, device)
+    method = build_method(cfg.method, clip, task, dict(cfg.hparams), source).to(device)
+    steps = tc.steps if method.trains else 0
+    named = method.trainable_parameters()
+    if method.trains and not named:
+        raise BenchError(f"method {cfg.method!r} trains no parameters; call self.train_only(...) in its __init__")
+    optimizer = torch.optim.AdamW(param_groups(named, tc.weight_decay), lr=tc.lr) if steps else None
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, steps))
+                 if steps else None)
+
+    start = 0
+    ckpt_path = run_dir / R.CHECKPOINT
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        method.load_checkpoint_state(ckpt["method"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        start = ckpt["step"]
+        log.info("%s: resuming from step %d", run_dir, start)
+    writer = R.ResultsWriter(run_dir / R.RESULTS, resume_step=start if ckpt_path.is_file() else None)
+
+    eval_data = EvalData(task, clip.preprocess_val, tc.eval_batch_size, tc.num_workers)
+    train_items = [item for d in task.train_domains for item in task.train[d]]
+    sampler = StepSampler([len(task.train[d]) for d in task.train_domains], tc.batch_size, prep.seed, start, steps)
+    loader = torch.utils.data.DataLoader(
+        ImageItems(train_items, clip.preprocess_train if tc.augment else clip.preprocess_val),
+        batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+    domain_of = torch.tensor([i for i, d in enumerate(task.train_domains) for _ in task.train[d]])
+
+    def log_eval(step: int, extra: list[dict]) -> None:
+        rows = evaluate(method, eval_data, step, device, autocast) + extra
+        writer.write(rows)
+        accs = {r["role"]: r["value"] for r in rows if r["metric"] == "acc"}
+        log.info("%s step %d: %s", run_dir.name, step, " ".join(f"{k}={v:.3f}" for k, v in sorted(accs.items())))
+
+    if start == 0:
+        log_eval(0, [])
+    bar = _progress(progress and steps > 0, total=steps, initial=start, desc=f"{cfg.method} {run_dir.name[:8]}")
+    method.train()
+    losses, t_last, n_last = [], time.perf_counter(), 0
+    for step, (x, y, idx) in enumerate(loader, start=start):
+        torch.manual_seed(C.seed_hash(prep.seed, step))  # every random draw of this step depends on (seed, step)
+        batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device), "index": idx,
+                 "domains": domain_of[idx].to(device), "step": step}
+        with autocast():
+            out = method.loss(batch)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        if not torch.isfinite(loss):
+            raise BenchError(f"{run_dir}: loss is {loss.item()} at step {step}; lower train.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        n_last += 1
+        done_steps = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if done_steps % tc.eval_every == 0 or done_steps == steps:
+            elapsed = time.perf_counter() - t_last
+            extra = [{"step": done_steps, "role": "train", "domain": None, "split": None, "metric": m, "value": v,
+                      "n": n_last} for m, v in [("loss", sum(losses) / len(losses)), ("step_time", elapsed / n_last),
+                                                 ("peak_mem_mb", peak_memory_mb(device))]]
+            extra += [{"step": done_steps, "role": "train", "domain": None, "split": None, "metric": k,
+                       "value": float(v), "n": 1} for k, v in logs.items()]
+            log_eval(done_steps, extra)
+            losses, n_last = [], 0
+            t_last = time.perf_counter()
+        if done_steps % tc.checkpoint_every == 0 or done_steps == steps:
+            R.atomic_torch_save({"step": done_steps, "method": method.checkpoint_state(),
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt_path)
+        if stop_after is not None and done_steps >= stop_after:
+            bar.close()
+            return run_dir
+    bar.close()
+    if tc.save_final and method.trains:
+        R.atomic_torch_save({"step": steps, "method": method.checkpoint_state()}, run_dir / R.FINAL)
+    if ckpt_path.is_file():
+        ckpt_path.unlink()
+    R.atomic_write_text(run_dir / R.DONE, "")
+    return run_dir
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+    return tqdm(disable=not enabled, leave=False, dynamic_ncols=True, **kwargs)
