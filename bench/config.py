@@ -67,6 +67,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trial_seed: int = 0  # decides the data split; the training seed is derived from everything
     plugins: tuple[str, ...] = ()  # Python files that register extra methods
+    wise_alphas: tuple[float, ...] = ()  # post-hoc WiSE-FT variants evaluated at the end (e.g. [0, 0.5, 1])
 
 
 # Keys that say where or how a job runs, not what it computes: left out of its identity.

@@ -165,6 +165,10 @@ class Task:
     train: dict[str, list[tuple[str, int]]]  # training domain -> (path, seen label), the 'in' split
     evalsets: list[EvalSet]
 
+    def train_items(self) -> list[tuple[str, int]]:
+        """Training items of all training domains in one list: batch["index"] indexes it."""
+        return [item for d in self.train_domains for item in self.train[d]]
+
     @property
     def seen_names(self) -> list[str]:
         return self.card.prompt_names(self.seen_classes)

@@ -49,7 +49,14 @@ class EvalData:
 def evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast) -> list[dict]:
     was_training = method.training
     method.eval()
-    method.eval_cache_clear()
+    with method.eval_context():
+        method.eval_cache_clear()
+        rows = _evaluate(method, data, step, device, autocast)
+    method.train(was_training)
+    return rows
+
+
+def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast) -> list[dict]:
     rows = []
     unseen_head = None
     for i, es in enumerate(data.task.evalsets):
@@ -62,10 +69,9 @@ def evaluate(method: Method, data: EvalData, step: int, device: torch.device, au
                 else:
                     if unseen_head is None:
                         unseen_head = method.text_head(data.task.unseen_names)
-                    logits = method.encode_image(x) @ unseen_head.t().to(x.dtype if x.is_floating_point() else None)
+                    logits = method.encode_image(x) @ unseen_head.t()
             correct += (logits.float().argmax(-1) == y).sum().item()
             total += len(y)
         rows.append({"step": step, "role": es.role, "domain": es.domain, "split": es.split, "metric": "acc",
                      "value": correct / max(total, 1), "n": total})
-    method.train(was_training)
     return rows

@@ -20,6 +20,7 @@ checkpointing and evaluation, so every method gets the same protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -71,11 +72,9 @@ class Method(nn.Module):
 
     # ---- what trains ----------------------------------------------------------------------
     def train_only(self, *modules: nn.Module | nn.Parameter) -> None:
+        """Mark these modules or parameters as trained (everything starts frozen)."""
         for m in modules:
-            if isinstance(m, nn.Parameter):
-                m.requires_grad_(True)
-            else:
-                m.requires_grad_(True)
+            m.requires_grad_(True)
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -120,6 +119,10 @@ class Method(nn.Module):
 
     def eval_cache_clear(self) -> None:
         """Called before each evaluation; methods caching text heads drop them here."""
+
+    def eval_context(self) -> contextlib.AbstractContextManager:
+        """Entered around each evaluation; WiSE-FT evaluates interpolated weights in it."""
+        return contextlib.nullcontext()
 
 
 def resolve_hparams(method: str, hparams: dict | None, source: str = "config") -> Any:

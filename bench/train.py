@@ -23,11 +23,12 @@ import torch
 
 from bench import config as C
 from bench import results as R
-from bench.data import ImageItems, StepSampler, build_task, ensure_generated, load_card
+from bench.data import DatasetCard, ImageItems, StepSampler, build_task, ensure_generated, load_card
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
 from bench.method import METHODS, build_method, hparams_dict, load_builtin_methods, load_plugin, resolve_hparams
 from bench.models import load_clip
+from bench.wise import wise_rows
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,10 @@ class Prepared:
     source: str
 
 
-def prepare(cfg: C.RunConfig, source: str = "config") -> Prepared:
-    """Validate a config in full (plugins, method, hparams, dataset card, domains) and compute its id."""
+def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None = None) -> Prepared:
+    """Validate a config in full (plugins, method, hparams, dataset card, domains) and compute its id.
+
+    card: the already-loaded card of cfg.data.dataset (a sweep prepares thousands of jobs per card)."""
     load_builtin_methods()
     for plugin in cfg.plugins:
         load_plugin(plugin)
@@ -100,7 +103,7 @@ def prepare(cfg: C.RunConfig, source: str = "config") -> Prepared:
         raise BenchError(f"{source}: method: {METHODS.unknown_message(cfg.method)}")
     hparams = resolve_hparams(cfg.method, dict(cfg.hparams), source)
     try:
-        card = load_card(cfg.data.dataset)
+        card = card or load_card(cfg.data.dataset)
     except BenchError as err:
         raise BenchError(f"{source}: data.dataset: {err}") from None
     bad = [d for d in cfg.data.test_domains if d not in card.domains]
@@ -154,6 +157,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device)
     method = build_method(cfg.method, clip, task, dict(cfg.hparams), source).to(device)
     steps = tc.steps if method.trains else 0
+    theta0 = method.checkpoint_state() if cfg.wise_alphas and method.trains else None
     named = method.trainable_parameters()
     if method.trains and not named:
         raise BenchError(f"method {cfg.method!r} trains no parameters; call self.train_only(...) in its __init__")
@@ -174,7 +178,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     writer = R.ResultsWriter(run_dir / R.RESULTS, resume_step=start if ckpt_path.is_file() else None)
 
     eval_data = EvalData(task, clip.preprocess_val, tc.eval_batch_size, tc.num_workers)
-    train_items = [item for d in task.train_domains for item in task.train[d]]
+    train_items = task.train_items()
     sampler = StepSampler([len(task.train[d]) for d in task.train_domains], tc.batch_size, prep.seed, start, steps)
     loader = torch.utils.data.DataLoader(
         ImageItems(train_items, clip.preprocess_train if tc.augment else clip.preprocess_val),
@@ -195,7 +199,8 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     for step, (x, y, idx) in enumerate(loader, start=start):
         torch.manual_seed(C.seed_hash(prep.seed, step))  # every random draw of this step depends on (seed, step)
         batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device), "index": idx,
-                 "domains": domain_of[idx].to(device), "step": step}
+                 "domains": domain_of[idx].to(device), "step": step,
+                 "total_steps": steps, "deterministic_images": not tc.augment}
         with autocast():
             out = method.loss(batch)
         loss, logs = out if isinstance(out, tuple) else (out, {})
@@ -229,6 +234,9 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
             bar.close()
             return run_dir
     bar.close()
+    if theta0 is not None:
+        writer.write(wise_rows(method, theta0, method.checkpoint_state(), cfg.wise_alphas, eval_data, steps, device,
+                               autocast))
     if tc.save_final and method.trains:
         R.atomic_torch_save({"step": steps, "method": method.checkpoint_state()}, run_dir / R.FINAL)
     if ckpt_path.is_file():

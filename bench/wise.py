@@ -1,0 +1,75 @@
+"""Post-hoc WiSE-FT: weight-space ensembles of any finished run with its zero-shot start, no retraining.
+
+For each alpha the trained weights become (1 - alpha) theta_0 + alpha theta_final (bench.losses.interpolate)
+and the run is evaluated again; the rows go into the run's results.jsonl with "variant": "wise:<alpha>",
+so FLYP + WiSE, CAR-FT + WiSE, ... are rows of their own in every table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from bench import config as C
+from bench import results as R
+from bench.errors import BenchError
+from bench.evaluate import EvalData, evaluate
+from bench.losses import interpolate
+from bench.method import Method
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def variant_name(alpha: float) -> str:
+    return f"wise:{alpha:g}"
+
+
+def wise_rows(method: Method, theta0: dict, theta1: dict, alphas: Sequence[float], data: EvalData, step: int,
+              device: torch.device, autocast) -> list[dict]:
+    """Evaluate the interpolated models; leaves the method holding theta1."""
+    rows = []
+    for alpha in alphas:
+        method.load_checkpoint_state(interpolate(theta0, theta1, alpha))
+        for row in evaluate(method, data, step, device, autocast):
+            rows.append({**row, "variant": variant_name(alpha)})
+    method.load_checkpoint_state(theta1)
+    return rows
+
+
+def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, device: str = "cpu") -> int:
+    """Add (or replace) the WiSE-FT variants of a finished run; returns the number of rows written."""
+    from bench.data import build_task, load_card
+    from bench.method import build_method
+    from bench.models import load_clip
+    from bench.train import autocast_for, prepare, resolve_device
+
+    run_dir = Path(run_dir)
+    if not (run_dir / R.DONE).is_file() or not (run_dir / R.FINAL).is_file():
+        raise BenchError(f"{run_dir}: not a finished run with saved weights (final.pt); run it to the end first "
+                         f"(with train.save_final: true)")
+    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if bad:
+        raise BenchError(f"--alphas: {bad[0]} is outside [0, 1]")
+    record = json.loads((run_dir / R.CONFIG).read_text())
+    cfg = C.from_dict(C.RunConfig, record["config"], str(run_dir / R.CONFIG))
+    prep = prepare(cfg, str(run_dir / R.CONFIG))
+    dev = resolve_device(device)
+    task = build_task(load_card(cfg.data.dataset), cfg.data.root, cfg.data.test_domains, cfg.data.holdout_fraction,
+                      cfg.trial_seed)
+    torch.manual_seed(prep.seed)  # as in bench.train.run, so a random-init model starts from the same weights
+    clip = load_clip(cfg.model.name, cfg.model.pretrained, dev)
+    method = build_method(cfg.method, clip, task, dict(cfg.hparams)).to(dev)
+    theta0 = method.checkpoint_state()
+    final = torch.load(run_dir / R.FINAL, map_location=dev, weights_only=False)
+    data = EvalData(task, clip.preprocess_val, cfg.train.eval_batch_size, cfg.train.num_workers)
+    rows = wise_rows(method, theta0, final["method"], alphas, data, final["step"], dev, autocast_for(cfg.train.precision, dev))
+    names = {variant_name(a) for a in alphas}
+    kept = [r for r in R.read_rows(run_dir / R.RESULTS) if r.get("variant") not in names]
+    R.atomic_write_text(run_dir / R.RESULTS, "".join(json.dumps(r) + "\n" for r in kept + rows))
+    log.info("%s: wrote %d WiSE-FT rows (alphas %s)", run_dir, len(rows), ", ".join(f"{a:g}" for a in alphas))
+    return len(rows)

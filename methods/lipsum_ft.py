@@ -1,0 +1,69 @@
+"""Lipsum-FT: robust fine-tuning with random text guidance (Nam, Heo, Lee, ICLR 2024; cs-giung/lipsum-ft).
+
+Cross-entropy (ERM's head and trained image tower) plus lambda * R, where
+R = mean_batch 1/(2M) sum_m (v_theta(x)_m - v_theta0(x)_m)^2 and v(x)_m = s <phi(t_m), f(x)>: the
+logits of the fine-tuned and the frozen zero-shot image features against M random texts t_m of L
+random tokens ([BOS] + L ids uniform over the vocabulary without BOS/EOS + [EOS]), re-drawn every
+step and embedded by the frozen text tower; s is the pretrained logit scale. Defaults M=80, L=8,
+lambda=1 (scripts/Lipsum-FT.py, scripts/defaults.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.method import register_method
+from methods.erm import ERM
+from methods.reference import FrozenImageFeatures
+
+
+def random_token_texts(m: int, length: int, context_length: int, vocab_size: int, sot: int, eot: int,
+                       device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """M token sequences [sot] + `length` random ids in [0, vocab) without sot/eot + [eot], zero-padded."""
+    tokens = torch.zeros(m, context_length, dtype=torch.long, device=device)
+    ids = torch.randint(0, min(sot, eot), (m, length), device=device, generator=generator)
+    tokens[:, 0] = sot
+    tokens[:, 1:length + 1] = ids
+    tokens[:, length + 1] = eot
+    return tokens
+
+
+@register_method("lipsum_ft")
+class LipsumFT(ERM):
+    @dataclass(frozen=True)
+    class Hparams:
+        lam: float = 1.0
+        num_texts: int = 80  # M
+        text_length: int = 8  # L
+        label_smoothing: float = 0.0
+
+    def __init__(self, clip, task, hparams):
+        super().__init__(clip, task, hparams)
+        self.reference = FrozenImageFeatures(self.model.visual)
+        tok = clip.tokenizer
+        self.sot, self.eot = tok.sot_token_id, tok.eot_token_id
+        self.context_length = tok.context_length
+        if hparams.text_length + 2 > self.context_length:
+            from bench.errors import BenchError
+            raise BenchError(f"hparams.text_length {hparams.text_length} does not fit the text context "
+                             f"({self.context_length} tokens with BOS and EOS)")
+
+    @torch.no_grad()
+    def random_text_features(self, device) -> torch.Tensor:
+        tokens = random_token_texts(self.hparams.num_texts, self.hparams.text_length, self.context_length,
+                                    self.model.vocab_size, self.sot, self.eot, device)
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def regularizer(self, batch, features: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        s = self.logit_scale_init
+        v_ft = s * features @ texts.t()
+        v_zs = s * self.reference(batch) @ texts.t()
+        return ((v_ft.float() - v_zs.float()) ** 2).sum(-1).mean() / (2 * texts.shape[0])
+
+    def loss(self, batch):
+        features = self.encode_image(batch["images"])
+        ce = F.cross_entropy(self.head(features), batch["labels"], label_smoothing=self.hparams.label_smoothing)
+        reg = self.regularizer(batch, features, self.random_text_features(features.device))
+        return ce + self.hparams.lam * reg, {"ce": ce.item(), "reg": reg.item()}

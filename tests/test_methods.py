@@ -1,0 +1,200 @@
+"""Conformance tests over the whole method registry, and each method's defining property."""
+import copy
+
+import open_clip
+import pytest
+import torch
+
+from bench import results as R
+from bench.data import build_task, load_card
+from bench.losses import contrastive_loss, interpolate, kl_divergence
+from bench.method import METHODS, build_method, load_builtin_methods
+from bench.models import load_clip
+from bench.train import run
+from tests.conftest import tiny_config
+
+load_builtin_methods()
+TRAINED = [name for name, cls in METHODS.items() if cls.trains]
+
+
+def make(embedded_root, name, hparams=None, augment=False):
+    cfg = tiny_config(embedded_root, method=name)
+    task = build_task(load_card("embedded"), embedded_root, ("sketch",), 0.2, 0)
+    clip = load_clip("TinyCLIP-32", cfg.model.pretrained)
+    method = build_method(name, clip, task, hparams or {})
+    return method, task, clip
+
+
+def batch_of(task, clip, n=8, step=0, total=10, deterministic=True):
+    items = task.train_items()
+    idx = torch.arange(0, len(items), max(1, len(items) // n))[:n]
+    images = torch.stack([clip.preprocess_val(__import__("bench.data", fromlist=["load_image"]).load_image(items[i][0]))
+                          for i in idx])
+    labels = torch.tensor([items[i][1] for i in idx])
+    return {"images": images, "labels": labels, "index": idx, "step": step, "total_steps": total,
+            "deterministic_images": deterministic, "domains": torch.zeros(n, dtype=torch.long)}
+
+
+def loss_of(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_every_shipped_method_is_registered():
+    assert {"zeroshot", "erm", "wise_ft", "flyp", "car_ft", "lipsum_ft", "lp_ft"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_finite_loss_and_gradients_only_where_the_method_trains(embedded_root, name):
+    method, task, clip = make(embedded_root, name)
+    batch = batch_of(task, clip, step=9)  # late step: LP-FT is fine-tuning
+    loss = loss_of(method.loss(batch))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    trainable = {n for n, _ in method.trainable_parameters()}
+    with_grad = {n for n, p in method.named_parameters() if p.grad is not None}
+    assert with_grad <= trainable, sorted(with_grad - trainable)[:5]
+    assert any(method.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_frozen_parameters_and_reference_models_stay_frozen(embedded_root, name):
+    method, task, clip = make(embedded_root, name)
+    trainable = {n for n, _ in method.trainable_parameters()}
+    frozen_before = {n: p.detach().clone() for n, p in method.named_parameters() if n not in trainable}
+    opt = torch.optim.AdamW([p for _, p in method.trainable_parameters()], lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(method.loss(batch_of(task, clip, step=step + 7))).backward()
+        opt.step()
+    moved = [n for n, p in method.trainable_parameters() if not torch.equal(p, frozen_before.get(n, p * 0 + 1e9))]
+    assert moved
+    for n, p in method.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), f"{n} changed"
+            assert not p.requires_grad
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_resume_gives_the_same_weights_as_an_unbroken_run(embedded_root, tmp_path, name):
+    cfg = tiny_config(embedded_root, method=name)
+    a = run(cfg, tmp_path / "a", progress=False)
+    b = run(cfg, tmp_path / "b", progress=False, stop_after=4)
+    run(cfg, b, progress=False)
+    wa, wb = torch.load(a / R.FINAL)["method"], torch.load(b / R.FINAL)["method"]
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---- defining properties -----------------------------------------------------------------------
+
+def test_interpolate_is_exact_at_both_ends():
+    a = {"w": torch.randn(5, 3), "n": torch.tensor([1, 2])}
+    b = {"w": torch.randn(5, 3) * 1e3, "n": torch.tensor([3, 4])}
+    assert torch.equal(interpolate(a, b, 0.0)["w"], a["w"]) and torch.equal(interpolate(a, b, 1.0)["w"], b["w"])
+    assert torch.allclose(interpolate(a, b, 0.25)["w"], 0.75 * a["w"] + 0.25 * b["w"])
+
+
+def perturb(method, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in method.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_wise_ft_at_alpha_0_is_the_zeroshot_model_and_at_1_the_finetuned_one(embedded_root, alpha):
+    zs, task, clip = make(embedded_root, "zeroshot")
+    wise, _, _ = make(embedded_root, "wise_ft", {"alpha": alpha})
+    batch = batch_of(task, clip)
+    perturb(wise)  # "fine-tuning"
+    wise.eval()
+    with torch.no_grad():  # as in evaluation (autograd changes which attention kernel runs)
+        finetuned = wise.predict(batch["images"])
+        with wise.eval_context():
+            mixed = wise.predict(batch["images"])
+        zeroshot = zs.predict(batch["images"])
+    assert torch.equal(mixed, zeroshot if alpha == 0 else finetuned)
+    assert not torch.equal(finetuned, zeroshot)
+
+
+def test_posthoc_wise_variants_reproduce_zeroshot_and_finetuned_rows(embedded_root, tmp_path):
+    zs = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
+    ft = run(tiny_config(embedded_root, method="flyp", wise_alphas=[0.0, 0.5, 1.0]), tmp_path / "ft", progress=False)
+    rows = R.read_rows(ft / R.RESULTS)
+
+    def accs(rs):
+        return sorted((r["role"], r["domain"], r["value"]) for r in rs if r["metric"] == "acc")
+
+    assert accs(r for r in rows if r.get("variant") == "wise:0") == accs(R.read_rows(zs / R.RESULTS))
+    last = max(r["step"] for r in rows)
+    assert accs(r for r in rows if r.get("variant") == "wise:1") == accs(
+        r for r in rows if "variant" not in r and r["step"] == last)
+    # the same variants again, post hoc from the saved weights, with no retraining
+    from bench.wise import posthoc
+
+    before = accs(r for r in rows if r.get("variant") == "wise:0.5")
+    posthoc(ft, [0.5])
+    after = R.read_rows(ft / R.RESULTS)
+    assert accs(r for r in after if r.get("variant") == "wise:0.5") == before
+    assert len(after) == len(rows)
+
+
+def test_flyp_loss_equals_open_clip_cliploss(embedded_root):
+    method, task, clip = make(embedded_root, "flyp")
+    batch = batch_of(task, clip)
+    torch.manual_seed(3)
+    loss = method.loss(batch)
+    torch.manual_seed(3)  # the same template draw
+    templates = torch.randint(len(method.templates), (len(batch["labels"]),))
+    prompts = [method.templates[t].format(task.seen_names[y]) for t, y in zip(templates, batch["labels"])]
+    img, txt, scale = clip.model(batch["images"], clip.tokenize(prompts))
+    expected = open_clip.ClipLoss()(img, txt, scale)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # and the pure function equals ClipLoss on arbitrary features
+    a, b = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1), torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    assert torch.allclose(contrastive_loss(a, b, 10.0), open_clip.ClipLoss()(a, b, torch.tensor(10.0)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["car_ft", "lipsum_ft"])
+def test_regulariser_is_zero_at_step_0_and_grows_as_the_model_moves(embedded_root, name):
+    method, task, clip = make(embedded_root, name)
+    batch = batch_of(task, clip)
+
+    def reg():
+        torch.manual_seed(0)  # Lipsum-FT's random texts: the same draw for each measurement
+        with torch.no_grad():
+            _, logs = method.loss(batch)
+        return logs["reg"]
+
+    assert reg() == pytest.approx(0.0, abs=1e-6)
+    start = copy.deepcopy(method.checkpoint_state())
+    values = []
+    for scale in (0.001, 0.003, 0.01):
+        method.load_checkpoint_state(start)
+        perturb(method, scale)
+        values.append(reg())
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_kl_divergence_is_zero_for_equal_and_positive_for_different_logits():
+    a = torch.randn(4, 7)
+    assert kl_divergence(a, a) == 0
+    assert kl_divergence(a, a + torch.randn(4, 7)) > 0
+
+
+def test_frozen_reference_cache_matches_uncached_features(embedded_root):
+    method, task, clip = make(embedded_root, "car_ft")
+    batch = batch_of(task, clip)
+    cached_first = method.reference(batch)
+    again = method.reference(batch)
+    uncached = method.reference({**batch, "deterministic_images": False})
+    assert torch.equal(cached_first, again) and torch.allclose(cached_first, uncached)
+
+
+def test_lp_ft_probes_then_finetunes(embedded_root):
+    method, task, clip = make(embedded_root, "lp_ft", {"lp_fraction": 0.5})
+    method.loss(batch_of(task, clip, step=2, total=10)).backward()
+    assert all(p.grad is None for p in method.model.visual.parameters()) and method.head.weight.grad is not None
+    method.zero_grad()
+    method.loss(batch_of(task, clip, step=5, total=10)).backward()
+    assert any(p.grad is not None for p in method.model.visual.parameters())
