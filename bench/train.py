@@ -67,6 +67,21 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+def train_step(method, batch: dict, optimizer, scheduler, params: list, grad_clip: float, autocast
+               ) -> tuple[float, dict]:
+    """One optimisation step: the method's loss, backward, clipping, AdamW, schedule. -> (loss, logs)."""
+    with autocast():
+        out = method.loss(batch)
+    loss, logs = out if isinstance(out, tuple) else (out, {})
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item(), logs
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -201,22 +216,14 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device), "index": idx,
                  "domains": domain_of[idx].to(device), "step": step,
                  "total_steps": steps, "deterministic_images": not tc.augment}
-        with autocast():
-            out = method.loss(batch)
-        loss, logs = out if isinstance(out, tuple) else (out, {})
-        if not torch.isfinite(loss):
-            raise BenchError(f"{run_dir}: loss is {loss.item()} at step {step}; lower train.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        loss, logs = train_step(method, batch, optimizer, scheduler, [p for _, p in named], tc.grad_clip, autocast)
+        if not math.isfinite(loss):
+            raise BenchError(f"{run_dir}: loss is {loss} at step {step}; lower train.lr or check the data")
+        losses.append(loss)
         n_last += 1
         done_steps = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         if done_steps % tc.eval_every == 0 or done_steps == steps:
             elapsed = time.perf_counter() - t_last
             extra = [{"step": done_steps, "role": "train", "domain": None, "split": None, "metric": m, "value": v,

@@ -15,19 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from bench.method import register_method
+from bench.text import encode_text_prefix
 from methods.erm import ERM
 from methods.reference import FrozenImageFeatures
 
 
-def random_token_texts(m: int, length: int, context_length: int, vocab_size: int, sot: int, eot: int,
-                       device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """M token sequences [sot] + `length` random ids in [0, vocab) without sot/eot + [eot], zero-padded."""
-    tokens = torch.zeros(m, context_length, dtype=torch.long, device=device)
+def random_token_texts(m: int, length: int, sot: int, eot: int, device: torch.device | str,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """M token sequences [sot] + `length` random ids below min(sot, eot) (the vocabulary without the
+    special tokens, as in the reference code) + [eot]: shape (M, length + 2), no padding."""
     ids = torch.randint(0, min(sot, eot), (m, length), device=device, generator=generator)
-    tokens[:, 0] = sot
-    tokens[:, 1:length + 1] = ids
-    tokens[:, length + 1] = eot
-    return tokens
+    return torch.cat([torch.full((m, 1), sot, device=device), ids, torch.full((m, 1), eot, device=device)], dim=1)
 
 
 @register_method("lipsum_ft")
@@ -52,9 +50,8 @@ class LipsumFT(ERM):
 
     @torch.no_grad()
     def random_text_features(self, device) -> torch.Tensor:
-        tokens = random_token_texts(self.hparams.num_texts, self.hparams.text_length, self.context_length,
-                                    self.model.vocab_size, self.sot, self.eot, device)
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
+        tokens = random_token_texts(self.hparams.num_texts, self.hparams.text_length, self.sot, self.eot, device)
+        return F.normalize(encode_text_prefix(self.model, tokens), dim=-1)
 
     def regularizer(self, batch, features: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         s = self.logit_scale_init

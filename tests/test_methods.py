@@ -15,13 +15,15 @@ from tests.conftest import tiny_config
 
 load_builtin_methods()
 TRAINED = [name for name, cls in METHODS.items() if cls.trains]
+# Small settings where a method's defaults are sized for real use.
+TEST_HPARAMS = {"arf": {"pool_size": 400, "top_k": 64, "retrieval_batch": 8}}
 
 
 def make(embedded_root, name, hparams=None, augment=False):
     cfg = tiny_config(embedded_root, method=name)
     task = build_task(load_card("embedded"), embedded_root, ("sketch",), 0.2, 0)
     clip = load_clip("TinyCLIP-32", cfg.model.pretrained)
-    method = build_method(name, clip, task, hparams or {})
+    method = build_method(name, clip, task, {**TEST_HPARAMS.get(name, {}), **(hparams or {})})
     return method, task, clip
 
 
@@ -40,7 +42,7 @@ def loss_of(out):
 
 
 def test_every_shipped_method_is_registered():
-    assert {"zeroshot", "erm", "wise_ft", "flyp", "car_ft", "lipsum_ft", "lp_ft"} <= set(METHODS)
+    assert {"zeroshot", "erm", "wise_ft", "flyp", "car_ft", "lipsum_ft", "lp_ft", "arf"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -76,7 +78,7 @@ def test_frozen_parameters_and_reference_models_stay_frozen(embedded_root, name)
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_resume_gives_the_same_weights_as_an_unbroken_run(embedded_root, tmp_path, name):
-    cfg = tiny_config(embedded_root, method=name)
+    cfg = tiny_config(embedded_root, method=name, hparams=TEST_HPARAMS.get(name, {}))
     a = run(cfg, tmp_path / "a", progress=False)
     b = run(cfg, tmp_path / "b", progress=False, stop_after=4)
     run(cfg, b, progress=False)
@@ -198,3 +200,55 @@ def test_lp_ft_probes_then_finetunes(embedded_root):
     method.zero_grad()
     method.loss(batch_of(task, clip, step=5, total=10)).backward()
     assert any(p.grad is not None for p in method.model.visual.parameters())
+
+
+def test_lipsum_random_texts_and_prefix_encoding_equal_full_context_encoding():
+    from bench.text import encode_text_prefix
+    from methods.lipsum_ft import random_token_texts
+
+    clip = load_clip("TinyCLIP-32", None)
+    tok = clip.tokenizer
+    tokens = random_token_texts(5, 8, tok.sot_token_id, tok.eot_token_id, "cpu", torch.Generator().manual_seed(0))
+    assert tokens.shape == (5, 10) and (tokens[:, 0] == tok.sot_token_id).all() and (tokens[:, -1] == tok.eot_token_id).all()
+    assert (tokens[:, 1:-1] < tok.sot_token_id).all()
+    padded = torch.zeros(5, tok.context_length, dtype=torch.long)
+    padded[:, :10] = tokens
+    with torch.no_grad():
+        assert torch.allclose(encode_text_prefix(clip.model, tokens), clip.model.encode_text(padded), atol=1e-5)
+
+
+def test_arf_caption_anchors_pair_each_image_with_its_own_caption(embedded_root):
+    from bench.data import read_captions
+
+    method, task, clip = make(embedded_root, "arf")
+    captions = read_captions(embedded_root / "embedded" / "captions.jsonl")
+    base = embedded_root / "embedded"
+    batch = batch_of(task, clip)
+    paths = [task.train_items()[i][0] for i in batch["index"].tolist()]
+    own = [captions[str(__import__("pathlib").Path(p).relative_to(base))] for p in paths]
+    assert torch.equal(method.caption_tokens[batch["index"]], clip.tokenize(own))
+    assert len(set(own)) > 1
+
+
+def test_arf_retrieves_the_pool_pairs_nearest_the_class_prompts(embedded_root):
+    from bench.retrieval import class_queries, embed_pool, pool_embedding
+    from methods.arf import embedded_corpus_pool
+
+    method, task, clip = make(embedded_root, "arf", {"top_k": 20})
+    pool = embedded_corpus_pool(embedded_root, 400, 1)
+    image_emb, text_emb = embed_pool(clip, pool, clip.preprocess_val, cache=embedded_root / ".rft-cache")
+    scores = (pool_embedding(image_emb, text_emb, "text") @ class_queries(clip, task.seen_names, task.templates).T).max(1)
+    assert sorted(method.retrieved.tolist()) == sorted(__import__("numpy").argsort(-scores, kind="stable")[:20].tolist())
+    # each anchor pair keeps its own caption
+    x, caption, i = method.anchor_items[0]
+    assert caption == pool.caption(int(method.retrieved[i]))
+
+
+def test_arf_anchor_kinds_switch_off(embedded_root):
+    batch = None
+    for caps, ret, expected in [(True, False, {"prompt", "caption"}), (False, True, {"prompt", "retrieval"}),
+                                (False, False, {"prompt"})]:
+        method, task, clip = make(embedded_root, "arf", {"caption_anchors": caps, "retrieval_anchors": ret})
+        batch = batch or batch_of(task, clip)
+        _, logs = method.loss(batch)
+        assert set(logs) == expected

@@ -1,0 +1,51 @@
+"""A user registers a method from their own file, without editing the harness (docs/ADDING_A_METHOD.md)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import results as R
+from bench.errors import BenchError
+from bench.method import METHODS, load_plugin
+from bench.train import run
+from tests.conftest import tiny_config
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "ADDING_A_METHOD.md"
+
+
+@pytest.fixture
+def plugin_file(tmp_path):
+    code = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    path = tmp_path / "userdir" / "l2sp.py"
+    path.parent.mkdir()
+    path.write_text(code)
+    yield path
+    METHODS.unregister("l2sp")
+    for name in [m for m in sys.modules if m.startswith("rft_bench_plugin_l2sp")]:
+        del sys.modules[name]
+
+
+def test_the_documented_example_runs_end_to_end(plugin_file, embedded_root, tmp_path):
+    cfg = tiny_config(embedded_root, method="l2sp", plugins=[str(plugin_file)], hparams={"alpha": 0.5})
+    out = run(cfg, tmp_path / "run", progress=False)
+    rows = R.read_rows(out / R.RESULTS)
+    assert (out / R.DONE).is_file() and any(r["metric"] == "penalty" and r["value"] > 0 for r in rows)
+    assert torch.load(out / R.FINAL)["method"].keys() >= {"head.weight"}
+
+
+def test_cli_lists_a_plugin_method(plugin_file):
+    proc = subprocess.run([sys.executable, "-m", "bench", "methods", "--plugin", str(plugin_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "l2sp" in proc.stdout and "L2-SP" in proc.stdout
+
+
+def test_plugin_errors_are_one_line(tmp_path):
+    with pytest.raises(BenchError, match="not found"):
+        load_plugin(tmp_path / "missing.py")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module_anywhere\n")
+    with pytest.raises(BenchError, match=r"broken.py failed to import \(ModuleNotFoundError"):
+        load_plugin(broken)
