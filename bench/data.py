@@ -3,12 +3,17 @@
 A card names a dataset's domains and classes; the images live in
 `<root>/<card.folder>/<domain>/<class>/<image>`, the layout DomainBed's download
 script writes and the embedded generator writes too, so one loader serves both.
+
+A card with `protocol: shift` (ImageNet and its shifted variants) instead names `sets`, each with its
+own folder and class-folder scheme; it trains on one set and evaluates on an ID test set and the
+shift sets (see `build_task` and datasets/imagenet.yaml).
 """
 from __future__ import annotations
 
 import difflib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,11 +46,26 @@ class DatasetCard:
     description: str = ""
     generator: dict | None = None
     download: str = ""
+    # Where classes, class names and templates come from, when not listed in the card (see _FROM).
+    classes_file: str = ""  # a text file next to the card: one class folder a line ('#' comments)
+    class_names_from: str = ""
+    templates_from: str = ""
+    # protocol: shift only (see _check_shift_card). domains are then the set names, in order.
+    protocol: str = "domainbed"  # domainbed | shift
+    train_domain: str = ""  # the set trained on (minus its held-out id_val split)
+    id_test_domain: str = ""  # the ID test set (role id_test; never used for model selection)
+    sets: dict = field(default_factory=dict)  # set name -> {folder, class_folders, subset, n_classes, ...}
+    ood_averages: dict = field(default_factory=dict)  # average name -> shift sets it averages over
     source: str = ""
 
     @property
     def seen_classes(self) -> tuple[str, ...]:
         return tuple(c for c in self.classes if c not in self.unseen_classes)
+
+    @property
+    def shifts(self) -> tuple[str, ...]:
+        """protocol: shift: the OOD sets (every set but the training and the ID test set), in card order."""
+        return tuple(d for d in self.sets if d not in (self.train_domain, self.id_test_domain))
 
     def prompt_name(self, folder: str) -> str:
         return self.class_names.get(folder, folder.replace("_", " ").lower())
@@ -82,6 +102,16 @@ def load_card(name_or_path: str) -> DatasetCard:
     unknown = set(data) - _CARD_KEYS
     if unknown:
         raise BenchError(f"{path}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(sorted(_CARD_KEYS))}")
+    _resolve_from(path, data)
+    if data.get("protocol", "domainbed") == "shift":
+        _check_shift_card(path, data)
+    elif data.get("protocol", "domainbed") != "domainbed":
+        raise BenchError(f"{path}: protocol {data['protocol']!r} is not one of domainbed, shift")
+    else:
+        bad = [k for k in _SHIFT_KEYS if data.get(k)]
+        if bad:
+            raise BenchError(f"{path}: key {bad[0]!r} belongs to protocol: shift cards; "
+                             f"add protocol: shift or remove it")
     for key in ("name", "folder", "domains", "classes", "templates"):
         if not data.get(key):
             raise BenchError(f"{path}: missing key {key!r}; every card needs name, folder, domains, classes, templates")
@@ -96,6 +126,112 @@ def load_card(name_or_path: str) -> DatasetCard:
     return DatasetCard(source=str(path), **data)
 
 
+def _open_clip_imagenet(what: str) -> list[str]:
+    """open_clip's copy of CLIP's ImageNet class names (openai_classnames, in sorted-wnid order) and its
+    80 OpenAI prompt templates (lambdas in open_clip, turned into '{}' strings here)."""
+    from open_clip import zero_shot_metadata as meta
+
+    if what == "class_names":
+        return list(meta.IMAGENET_CLASSNAMES)
+    return [t("{}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
+
+
+_FROM = {"open_clip_imagenet": _open_clip_imagenet}  # values of class_names_from and templates_from
+
+
+def _resolve_from(path: Path, data: dict) -> None:
+    """classes_file, class_names_from, templates_from -> classes, class_names, templates (in place)."""
+    if data.get("classes_file"):
+        if data.get("classes"):
+            raise BenchError(f"{path}: give classes or classes_file, not both")
+        file = path.parent / data["classes_file"]
+        if not file.is_file():
+            raise BenchError(f"{path}: classes_file {file} not found; it is looked up next to the card")
+        data["classes"] = [line.split()[0] for line in file.read_text().splitlines()
+                           if line.strip() and not line.lstrip().startswith("#")]
+    for key, target in (("class_names_from", "class_names"), ("templates_from", "templates")):
+        src = data.get(key)
+        if not src:
+            continue
+        if src not in _FROM:
+            raise BenchError(f"{path}: {key}: {src!r} is not one of {', '.join(_FROM)}")
+        if data.get(target):
+            raise BenchError(f"{path}: give {target} or {key}, not both")
+        values = _FROM[src](target)
+        if target == "class_names":
+            classes = data.get("classes") or []
+            if len(values) != len(classes):
+                raise BenchError(f"{path}: {key}: {src} names {len(values)} classes, the card has {len(classes)}")
+            values = dict(zip(classes, values))
+        data[target] = values
+
+
+_SHIFT_KEYS = ("train_domain", "id_test_domain", "sets", "ood_averages")
+_SET_KEYS = ("folder", "class_folders", "subset", "n_classes", "mappings", "download")
+CLASS_FOLDER_SCHEMES = ("wnid", "index", "objectnet")
+
+
+def _check_shift_card(path: Path, data: dict) -> None:
+    """Validate a protocol: shift card and fill in defaults; its domains are the names under sets, in order.
+
+    sets.<name>: folder (under <data.root>/<card folder>); class_folders: wnid (a folder per class, named as in
+    classes), index (folders 0..K-1, the class's position in classes) or objectnet (ObjectNet folders, mapped
+    onto classes by the mapping files in `mappings`); subset: true (wnid only: the class folders present are
+    the set's classes, evaluated on that sub-head); n_classes: the number of class folders expected; download."""
+    if data.get("domains"):
+        raise BenchError(f"{path}: a protocol: shift card lists no domains (they are the names under sets); "
+                         f"remove domains")
+    sets = data.get("sets")
+    if not isinstance(sets, dict) or not sets:
+        raise BenchError(f"{path}: a protocol: shift card needs sets: a mapping of set name -> {{folder: ...}}")
+    norm = {}
+    for name, spec in sets.items():
+        where = f"{path}: sets.{name}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("folder"), str) or not spec["folder"]:
+            raise BenchError(f"{where}: needs folder: the set's folder under <data.root>/<card folder>")
+        unknown = set(spec) - set(_SET_KEYS)
+        if unknown:
+            raise BenchError(f"{where}: unknown key {sorted(unknown)[0]!r}; valid keys: {', '.join(_SET_KEYS)}")
+        spec = {"class_folders": "wnid", "subset": False, "n_classes": None, "mappings": "", "download": "", **spec}
+        if spec["class_folders"] not in CLASS_FOLDER_SCHEMES:
+            raise BenchError(f"{where}: class_folders {spec['class_folders']!r} is not one of "
+                             f"{', '.join(CLASS_FOLDER_SCHEMES)}")
+        if not isinstance(spec["subset"], bool) or (spec["subset"] and spec["class_folders"] != "wnid"):
+            raise BenchError(f"{where}: subset must be true or false, and true only with class_folders: wnid")
+        if (spec["class_folders"] == "objectnet") != bool(spec["mappings"]):
+            raise BenchError(f"{where}: class_folders: objectnet and mappings (the folder of ObjectNet's mapping "
+                             f"files) go together")
+        n = spec["n_classes"]
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise BenchError(f"{where}: n_classes must be a positive integer, got {n!r}")
+        norm[str(name)] = spec
+    for key in ("train_domain", "id_test_domain"):
+        d = data.get(key)
+        if d not in norm:
+            raise BenchError(f"{path}: {key}: {d!r} is not one of sets ({', '.join(norm)})")
+        if norm[d]["subset"] or norm[d]["class_folders"] == "objectnet":
+            raise BenchError(f"{path}: {key}: set {d!r} must hold every class (class_folders wnid or index, no subset)")
+    if data["train_domain"] == data["id_test_domain"]:
+        raise BenchError(f"{path}: train_domain and id_test_domain must be two different sets")
+    shifts = [d for d in norm if d not in (data["train_domain"], data["id_test_domain"])]
+    if not shifts:
+        raise BenchError(f"{path}: sets holds no shift set besides train_domain and id_test_domain")
+    if data.get("unseen_classes"):
+        raise BenchError(f"{path}: a protocol: shift card has no unseen_classes")
+    averages = data.get("ood_averages") or {}
+    if not isinstance(averages, dict):
+        raise BenchError(f"{path}: ood_averages must map an average's name to a list of shift sets")
+    for avg, members in averages.items():
+        if not isinstance(members, list) or not members or any(m not in shifts for m in members):
+            raise BenchError(f"{path}: ood_averages.{avg} must list shift sets (of {', '.join(shifts)})")
+    bad = [d for d in data.get("default_test_domains") or () if d not in shifts]
+    if bad:
+        raise BenchError(f"{path}: default_test_domains: {bad[0]!r} is not a shift set (of {', '.join(shifts)})")
+    data["sets"] = norm
+    data["ood_averages"] = {k: tuple(v) for k, v in averages.items()}
+    data["domains"] = list(norm)
+
+
 def ensure_generated(card: DatasetCard, root: str | Path, progress: bool = True) -> None:
     """The project's own benchmark is drawn on first use; other datasets must be downloaded."""
     if card.generator is not None and not (Path(root) / card.folder).exists():
@@ -105,11 +241,16 @@ def ensure_generated(card: DatasetCard, root: str | Path, progress: bool = True)
 
 
 def domain_folder(root: str | Path, card: DatasetCard, domain: str) -> Path:
+    """The folder of a domain (protocol: shift: of a set)."""
+    if card.protocol == "shift":
+        return Path(root) / card.folder / card.sets[domain]["folder"]
     return Path(root) / card.folder / domain
 
 
 def scan_domain(root: str | Path, card: DatasetCard, domain: str) -> list[tuple[str, int]]:
     """(path, class index into card.classes) for every image of one domain, in sorted order."""
+    if card.protocol == "shift":
+        raise BenchError(f"{card.name} is a protocol: shift card; read its sets with build_task (or scan_set)")
     folder = domain_folder(root, card, domain)
     if not folder.is_dir():
         how = ("it is generated on first use, or by `bench data embedded`" if card.generator
@@ -126,12 +267,148 @@ def scan_domain(root: str | Path, card: DatasetCard, domain: str) -> list[tuple[
 
 def check_counts(root: str | Path, card: DatasetCard) -> dict[str, tuple[int, int | None]]:
     """domain -> (images found, images expected)."""
+    if card.protocol == "shift":
+        return {d: (_count_set(root, card, d), card.expected_counts.get(d)) for d in card.domains}
     out = {}
     for d in card.domains:
         folder = domain_folder(root, card, d)
         n = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else 0
         out[d] = (n, card.expected_counts.get(d))
     return out
+
+
+# ---- protocol: shift: the sets of ImageNet and its shifted variants ------------------------------------
+# The four files that ship in ObjectNet 1.0's objectnet-1.0/mappings/ (read here as mlfoundations/wise-ft's
+# src/datasets/objectnet.py reads them): folder -> ObjectNet label; ObjectNet label -> ImageNet labels
+# ('; '-separated); ImageNet label per line (line i: ImageNet 2012 id i); PyTorch index -> 2012 id.
+OBJECTNET_MAPPING_FILES = ("folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json",
+                           "imagenet_to_label_2012_v2", "pytorch_to_imagenet_2012_id.json")
+
+
+def _subdirs(folder: str | Path) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+
+
+_IMAGE_EXTS = {s[1:] for s in IMAGE_SUFFIXES}
+
+
+def _image_names(folder: str) -> list[str]:
+    """Sorted image file names of one folder: one os.scandir, a suffix test, no stat per file."""
+    with os.scandir(folder) as it:
+        names = [e.name for e in it]
+    return sorted(n for n in names if n.rpartition(".")[2].lower() in _IMAGE_EXTS and "." in n)
+
+
+def objectnet_classes(mappings: str | Path, classes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """ObjectNet folder -> indices into `classes` (the ImageNet wnids, sorted: PyTorch's class order) of the
+    ImageNet classes it maps to; only the ObjectNet classes that overlap ImageNet (113 in ObjectNet 1.0)."""
+    mappings = Path(mappings)
+    loaded = {}
+    for name in OBJECTNET_MAPPING_FILES:
+        file = mappings / name
+        try:
+            text = file.read_text()
+            loaded[name] = text if not name.endswith(".json") else json.loads(text)
+        except FileNotFoundError:
+            raise BenchError(f"ObjectNet mapping file {file} not found; it ships in the ObjectNet download "
+                             f"(objectnet-1.0/mappings/): extract objectnet-1.0.zip there again") from None
+        except json.JSONDecodeError as err:
+            raise BenchError(f"ObjectNet mapping file {file} is not valid JSON ({err.msg}); extract it again") from None
+    folder_label, objectnet_to_imagenet, imagenet_labels, pytorch_to_2012 = (loaded[n] for n in OBJECTNET_MAPPING_FILES)
+    if len(pytorch_to_2012) != len(classes):
+        raise BenchError(f"{mappings / OBJECTNET_MAPPING_FILES[3]} indexes {len(pytorch_to_2012)} ImageNet classes, "
+                         f"the card {len(classes)}; ObjectNet maps onto the 1000 ImageNet classes in sorted-wnid order")
+    index_of_2012 = {int(v): int(k) for k, v in pytorch_to_2012.items()}
+    by_label: dict[str, list[int]] = {}
+    for i, line in enumerate(imagenet_labels.splitlines()):
+        if i in index_of_2012:
+            by_label.setdefault(line.strip(), []).append(index_of_2012[i])
+    folder_of = {label: folder for folder, label in folder_label.items()}
+    out = {}
+    for label, names in objectnet_to_imagenet.items():
+        if label not in folder_of:
+            raise BenchError(f"{mappings}: ObjectNet class {label!r} has no folder in {OBJECTNET_MAPPING_FILES[0]}; "
+                             f"the mapping files do not match each other, extract them again")
+        idx = []
+        for name in names.split("; "):
+            hits = by_label.get(name.strip(), [])
+            if len(hits) != 1:
+                raise BenchError(f"{mappings}: ImageNet class {name!r} (of ObjectNet {label!r}) is on {len(hits)} "
+                                 f"lines of {OBJECTNET_MAPPING_FILES[2]}, not one; extract the mapping files again")
+            idx.append(hits[0])
+        out[folder_of[label]] = tuple(idx)
+    return out
+
+
+def _set_classes(root: str | Path, card: DatasetCard, name: str
+                 ) -> tuple[list[str], tuple[tuple[int, ...], ...] | None]:
+    """A set's class folders in label order, and its class subset (None: every class of the card)."""
+    spec = card.sets[name]
+    kind = spec["class_folders"]
+    if kind == "index":
+        return [str(k) for k in range(len(card.classes))], None
+    if kind == "objectnet":
+        groups = objectnet_classes(Path(root) / card.folder / spec["mappings"], card.classes)
+        dirs = sorted(groups)
+        return dirs, tuple(groups[d] for d in dirs)
+    if not spec["subset"]:
+        return list(card.classes), None
+    folder = domain_folder(root, card, name)
+    dirs = _subdirs(folder)
+    index = {c: k for k, c in enumerate(card.classes)}
+    bad = [d for d in dirs if d not in index]
+    if bad:
+        raise BenchError(f"{folder / bad[0]} is not a class of {card.name}; remove it or extract {folder} again")
+    return dirs, tuple((index[d],) for d in dirs)
+
+
+def scan_set(root: str | Path, card: DatasetCard, name: str
+             ) -> tuple[list[tuple[str, int]], tuple[tuple[int, ...], ...] | None]:
+    """protocol: shift: (path, label) for every image of one set, and the set's class subset.
+
+    Without a subset a label indexes card.classes; with one it indexes the subset (see EvalSet.class_subset).
+    Fast on ImageNet's 1.28M files: one os.scandir per folder, no stat per file, no image opened."""
+    folder = domain_folder(root, card, name)
+    if not folder.is_dir():
+        how = f"download it ({card.sets[name]['download'] or card.download or 'see ' + card.source}) or set data.root"
+        if name in card.shifts:
+            how += f", or leave {name} out of data.test_domains"
+        raise BenchError(f"data folder {folder} not found (dataset {card.name}, set {name}); {how}")
+    dirs, subset = _set_classes(root, card, name)
+    expected = card.sets[name]["n_classes"]
+    if expected is not None and len(dirs) != expected:
+        raise BenchError(f"{folder} holds {len(dirs)} classes of {card.name}, not {expected}; "
+                         f"the data is incomplete, download it again")
+    items = []
+    for label, d in enumerate(dirs):
+        cdir = os.path.join(folder, d)
+        try:
+            names = _image_names(cdir)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BenchError(f"class folder {cdir} not found; the data under {folder} is incomplete, "
+                             f"download it again") from None
+        prefix = cdir + os.sep
+        items += [(prefix + n, label) for n in names]
+    return items, subset
+
+
+def _count_set(root: str | Path, card: DatasetCard, name: str) -> int:
+    """Images of one set's classes that are there (0 if its folder is missing); for bench datasets --check."""
+    folder = domain_folder(root, card, name)
+    if not folder.is_dir():
+        return 0
+    try:
+        dirs, _ = _set_classes(root, card, name)
+    except BenchError:  # e.g. ObjectNet's mapping files are missing: count every class folder
+        dirs = _subdirs(folder)
+    n = 0
+    for d in dirs:
+        try:
+            n += len(_image_names(os.path.join(folder, d)))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    return n
 
 
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,13 +420,23 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
 
 @dataclass
 class EvalSet:
-    """One evaluation set. role: id_val | ood | ood_val | zeroshot. classes: 'seen' or 'unseen'."""
+    """One evaluation set. role: id_val | id_test | ood | ood_val | zeroshot. classes: 'seen' or 'unseen'.
+
+    class_subset: None, or the set's own classes, each a group of indices into the seen (or unseen) classes:
+    the logits are projected onto those columns, the prediction is the group holding the highest of them,
+    and a label indexes class_subset. ImageNet-R/-A: 200 one-class groups (a bare int is one); ObjectNet:
+    a group per ObjectNet class, of the ImageNet classes it maps to (wise-ft's max over each group)."""
 
     role: str
     domain: str
     split: str
     classes: str
-    items: list[tuple[str, int]]  # (path, label within the seen or unseen class list)
+    items: list[tuple[str, int]]  # (path, label within the seen or unseen class list, or within class_subset)
+    class_subset: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self):
+        if self.class_subset is not None:
+            self.class_subset = tuple((g,) if isinstance(g, int) else tuple(g) for g in self.class_subset)
 
 
 @dataclass
@@ -184,7 +471,11 @@ class Task:
 
 def build_task(card: DatasetCard, root: str | Path, test_domains: tuple[str, ...], holdout_fraction: float,
                trial_seed: int, source: str = "config") -> Task:
-    """The DomainBed protocol: the split of each domain depends only on (trial seed, domain)."""
+    """The DomainBed protocol: the split of each domain depends only on (trial seed, domain).
+
+    A protocol: shift card is built by build_shift_task (test_domains: the shift sets evaluated)."""
+    if card.protocol == "shift":
+        return build_shift_task(card, root, test_domains, holdout_fraction, trial_seed, source)
     bad = [d for d in test_domains if d not in card.domains]
     if bad:
         raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a domain of {card.name}; "
@@ -219,9 +510,50 @@ def build_task(card: DatasetCard, root: str | Path, test_domains: tuple[str, ...
                 seen, card.unseen_classes, train, evalsets)
 
 
+def build_shift_task(card: DatasetCard, root: str | Path, test_domains: tuple[str, ...], holdout_fraction: float,
+                     trial_seed: int, source: str = "config") -> Task:
+    """Single-source shift: train on card.train_domain minus a held-out `holdout_fraction` (role id_val, the
+    split seeded by the trial seed alone, as DomainBed splits a domain); role id_test: card.id_test_domain
+    (reported, never used for selection); role ood: one set per shift named in test_domains, in card order."""
+    shifts = card.shifts
+    bad = [d for d in test_domains if d not in shifts]
+    if bad:
+        raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a shift set of {card.name}; its shift "
+                         f"sets are {', '.join(shifts)} (it trains on {card.train_domain}, tests ID on "
+                         f"{card.id_test_domain})")
+    if not test_domains:
+        raise BenchError(f"{source}: data.test_domains is empty; name shift sets of {card.name}: {', '.join(shifts)}")
+
+    def scan(name: str) -> tuple[list[tuple[str, int]], tuple[tuple[int, ...], ...] | None]:
+        try:
+            return scan_set(root, card, name)
+        except BenchError as err:
+            raise BenchError(f"{source}: {err}") from None
+
+    items, _ = scan(card.train_domain)
+    idx_in, idx_out = split_indices(len(items), holdout_fraction, seed_hash("split", trial_seed, card.train_domain))
+    evalsets = [EvalSet("id_val", card.train_domain, "out", "seen", [items[i] for i in idx_out]),
+                EvalSet("id_test", card.id_test_domain, "all", "seen", scan(card.id_test_domain)[0])]
+    for name in shifts:
+        if name in test_domains:
+            ood_items, subset = scan(name)
+            evalsets.append(EvalSet("ood", name, "all", "seen", ood_items, subset))
+    return Task(card, Path(root), (card.train_domain,), tuple(test_domains), card.seen_classes, (),
+                {card.train_domain: [items[i] for i in idx_in]}, evalsets)
+
+
 def load_image(path: str) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+def seeded_transform(transform, img: Image.Image, seed: int | None) -> torch.Tensor:
+    """Apply a (possibly random) transform; with a seed, its random draws depend on that seed alone."""
+    if seed is None:
+        return transform(img)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(img)
 
 
 class ImageItems(torch.utils.data.Dataset):
@@ -238,14 +570,7 @@ class ImageItems(torch.utils.data.Dataset):
     def __getitem__(self, key: Any):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.items[index]
-        img = load_image(path)
-        if seed is None:
-            x = self.transform(img)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                x = self.transform(img)
-        return x, label, index
+        return seeded_transform(self.transform, load_image(path), seed), label, index
 
 
 class StepSampler(torch.utils.data.Sampler):

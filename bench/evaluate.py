@@ -56,6 +56,16 @@ def evaluate(method: Method, data: EvalData, step: int, device: torch.device, au
     return rows
 
 
+def predict_classes(logits: torch.Tensor, class_subset: tuple[tuple[int, ...], ...] | None) -> torch.Tensor:
+    """argmax over the classes; with a class subset (EvalSet.class_subset), argmax over its columns only,
+    returned as the index of the group holding that column (= argmax over groups of each group's max logit)."""
+    if class_subset is None:
+        return logits.argmax(-1)
+    cols = torch.tensor([c for g in class_subset for c in g], device=logits.device)
+    owner = torch.tensor([k for k, g in enumerate(class_subset) for _ in g], device=logits.device)
+    return owner[logits.index_select(-1, cols).argmax(-1)]
+
+
 def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast) -> list[dict]:
     rows = []
     unseen_head = None
@@ -70,7 +80,7 @@ def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, a
                     if unseen_head is None:
                         unseen_head = method.text_head(data.task.unseen_names)
                     logits = method.encode_image(x) @ unseen_head.t()
-            correct += (logits.float().argmax(-1) == y).sum().item()
+            correct += (predict_classes(logits.float(), es.class_subset) == y).sum().item()
             total += len(y)
         rows.append({"step": step, "role": es.role, "domain": es.domain, "split": es.split, "metric": "acc",
                      "value": correct / max(total, 1), "n": total})

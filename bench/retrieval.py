@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.data import seeded_transform
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
@@ -222,14 +223,7 @@ class PairItems(torch.utils.data.Dataset):
     def __getitem__(self, key: Any):
         index, seed = key if isinstance(key, tuple) else (key, None)
         i = int(self.indices[index])
-        img = self.pool.image(i)
-        if seed is None:
-            x = self.transform(img)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                x = self.transform(img)
-        return x, self.pool.caption(i), index
+        return seeded_transform(self.transform, self.pool.image(i), seed), self.pool.caption(i), index
 
 
 # --------------------------------------------------------------------------- embedding
