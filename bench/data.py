@@ -233,10 +233,17 @@ def _check_shift_card(path: Path, data: dict) -> None:
 
 
 def ensure_generated(card: DatasetCard, root: str | Path, progress: bool = True) -> None:
-    """The project's own benchmark is drawn on first use; other datasets must be downloaded."""
-    if card.generator is not None and not (Path(root) / card.folder).exists():
-        from bench import embedded
+    """The project's own benchmark is drawn on first use; other datasets must be downloaded. A folder drawn by
+    another generator version (other classes, other pictures) is never replaced: BenchError says what to do.
+    (One drawn with other sizes or seeds, e.g. a test's small one, is used as it is.)"""
+    if card.generator is None:
+        return
+    from bench import embedded
 
+    folder = Path(root) / card.folder
+    if folder.exists():
+        embedded.check_version(folder)
+    else:
         embedded.generate_benchmark(root, **card.generator, progress=progress)
 
 

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import difflib
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ CHECKPOINT_FORMAT = "rft-bench-clip/1"
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-# Weights the project ships: (model name, tag) -> file. `pretrained: embedded` resolves here.
+# Weights the project ships: (model name, tag) -> file, and its sha256 (checked at load; docs/EMBEDDED.md says
+# how it was made). `pretrained: embedded` resolves here.
 SHIPPED = {("TinyCLIP-32", "embedded"): ASSETS_DIR / "tinyclip32-embedded.pt"}
+SHIPPED_SHA256 = {("TinyCLIP-32", "embedded"): "fad7bf1ce369d89402afd3965670d03f304932d29f319c4326b2169c6af5cfc1"}
 
 
 @dataclass
@@ -88,8 +91,11 @@ def save_checkpoint(model: torch.nn.Module, name: str, path: str | Path, meta: d
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
+    # meta as plain JSON types: a weights-only load (read_checkpoint) refuses anything else, and
+    # torch.__version__ is a TorchVersion, not a str.
+    meta = json.loads(json.dumps(meta or {}, default=str))
     payload = {"format": CHECKPOINT_FORMAT, "arch": name, "model_cfg": model_config(name),
-               "state_dict": state, "meta": meta or {}}
+               "state_dict": state, "meta": meta}
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -112,6 +118,9 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str, str | N
         if not path.is_file():
             raise BenchError(f"shipped weights {path} are missing; restore them with `git checkout -- {path}` "
                              f"or re-create them with `bench pretrain`")
+        if sha256_file(path) != SHIPPED_SHA256[(name, pretrained)]:
+            raise BenchError(f"shipped weights {path} are not the released ones (sha256 differs); restore them with "
+                             f"`git checkout -- {path}`, or set model.pretrained to the file's path to use it anyway")
         return "project", str(path)
     if os.path.isfile(pretrained):
         return "file", pretrained

@@ -87,7 +87,7 @@ def test_render_other_sizes_and_rejects_unknown_names():
 
 
 def test_captions_vary_in_wording():
-    captions = [E.render("kite", "painting", np.random.default_rng(i))[1] for i in range(40)]
+    captions = [E.render("arrow", "painting", np.random.default_rng(i))[1] for i in range(40)]
     assert any("background" in c for c in captions) and not all("background" in c for c in captions)
     assert any(c.startswith("a painting of ") for c in captions)
     assert any(not c.startswith("a painting of ") for c in captions)
@@ -172,14 +172,33 @@ def test_corpus_is_deterministic_whatever_the_workers():
     assert len(corpus.captions) == 48 and corpus.labels.shape == corpus.domains.shape == (48,)
     assert corpus.labels.min() >= 0 and corpus.labels.max() < len(E.CLASSES)
     assert corpus.domains.min() >= 0 and corpus.domains.max() < len(E.DOMAINS)
-    for caption, label, domain in zip(corpus.captions, corpus.labels, corpus.domains):
-        assert E.DOMAINS[domain] in caption.split() and E.prompt_name(E.CLASSES[label]) in caption
+    for caption, named, domain in zip(corpus.captions, corpus.named, corpus.domains):
+        name = E.prompt_name(E.CLASSES[named]) if named >= 0 else None
+        assert E.DOMAINS[domain] in caption.split()
+        assert (name in caption) if name else any(g in caption.split() for g in E.GENERIC_NAMES)
 
     parallel = E.generate_corpus(48, seed=0, workers=2, progress=False)
     assert np.array_equal(parallel.images, corpus.images) and parallel.captions == corpus.captions
     assert np.array_equal(parallel.labels, corpus.labels) and np.array_equal(parallel.domains, corpus.domains)
+    assert np.array_equal(parallel.named, corpus.named)
     other = E.generate_corpus(48, seed=1, workers=1, progress=False)
     assert not np.array_equal(other.images, corpus.images)
+
+
+def test_corpus_names_seen_classes_rarely_and_the_naming_never_changes_an_image():
+    web = E.generate_corpus(900, seed=2, workers=1, progress=False)
+    seen = np.isin(web.labels, [E.CLASSES.index(c) for c in E.SEEN_CLASSES])
+    assert set(np.unique(web.named)) <= {-1} | set(range(len(E.CLASSES)))
+    assert np.all((web.named == -1) | (web.named == web.labels))  # a caption names its own class or none
+    assert abs(np.mean(web.named[seen] >= 0) - E.WEB_NAMED_SEEN) < 0.06
+    assert abs(np.mean(web.named[~seen] >= 0) - E.WEB_NAMED_UNSEEN) < 0.06
+    every = E.generate_corpus(900, seed=2, workers=1, progress=False, named_seen=1.0, named_unseen=1.0)
+    assert np.array_equal(every.images, web.images) and np.array_equal(every.labels, web.labels)
+    assert np.array_equal(every.named, every.labels)
+    for caption, label in zip(every.captions, every.labels):
+        assert E.prompt_name(E.CLASSES[label]) in caption
+    with pytest.raises(ValueError, match="naming rates"):
+        E.generate_corpus(2, seed=0, workers=1, progress=False, named_seen=1.5)
 
 
 def test_corpus_is_disjoint_from_the_benchmark(benchmark):
@@ -199,6 +218,7 @@ def test_corpus_round_trips_through_npz(tmp_path):
     loaded = E.load_corpus(path)
     assert np.array_equal(loaded.images, corpus.images) and loaded.captions == corpus.captions
     assert np.array_equal(loaded.labels, corpus.labels) and np.array_equal(loaded.domains, corpus.domains)
+    assert np.array_equal(loaded.named, corpus.named)
     with pytest.raises(BenchError, match="no such corpus"):
         E.load_corpus(tmp_path / "missing.npz")
 
@@ -218,3 +238,19 @@ def test_card_matches_the_generator():
     assert set(card["default_test_domains"]) <= set(E.DOMAINS)
     defaults = inspect.signature(E.generate_benchmark).parameters
     assert card["generator"] == {key: defaults[key].default for key in ("per_class", "seed", "image_size")}
+
+
+def test_a_folder_of_another_generator_version_is_named_not_replaced(benchmark):
+    from bench.data import ensure_generated, load_card
+
+    E.check_version(benchmark)  # this version's: fine
+    manifest = benchmark / "MANIFEST.json"
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**old, "generator_version": E.GENERATOR_VERSION - 1}))
+    try:
+        with pytest.raises(BenchError, match=f"drawn by embedded generator version {E.GENERATOR_VERSION - 1}, "
+                                             f"this is version {E.GENERATOR_VERSION}.*delete") as err:
+            ensure_generated(load_card("embedded"), benchmark.parent, progress=False)
+        assert "\n" not in str(err.value) and (benchmark / "photo").is_dir()  # nothing was removed
+    finally:
+        manifest.write_text(json.dumps(old))

@@ -18,8 +18,10 @@ def test_random_init_tiny_clip_loads_with_tokenizer_and_transforms():
 def test_a_project_checkpoint_records_and_checks_its_architecture(tmp_path):
     clip = load_clip("TinyCLIP-32", None)
     path = tmp_path / "tiny.pt"
-    sha = save_checkpoint(clip.model, "TinyCLIP-32", path, {"note": "test"})
+    # torch.__version__ is a TorchVersion, which a weights-only load refuses: meta is stored as plain JSON types.
+    sha = save_checkpoint(clip.model, "TinyCLIP-32", path, {"note": "test", "torch": torch.__version__})
     assert len(sha) == 64 and read_checkpoint(path)["arch"] == "TinyCLIP-32"
+    assert read_checkpoint(path)["meta"] == {"note": "test", "torch": str(torch.__version__)}
     again = load_clip("TinyCLIP-32", str(path))
     for (k, a), (_, b) in zip(clip.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), k
