@@ -101,12 +101,12 @@ class Method(nn.Module):
         return F.normalize(self.model.encode_image(images), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
+        return F.normalize(text.encode_text(self.model, tokens), dim=-1)
 
     def text_head(self, classnames: list[str], templates: list[str] | None = None) -> torch.Tensor:
         """(K, D) template-averaged class embeddings from the current text tower."""
         device = next(self.model.parameters()).device
-        raw = text.raw_embeddings(self.model.encode_text, self.clip.tokenize, classnames,
+        raw = text.raw_embeddings(self.encode_text, self.clip.tokenize, classnames,
                                   templates or self.templates, device)
         return text.class_weights(raw)
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench import text
 from bench.data import seeded_transform
 from bench.errors import BenchError
 
@@ -272,7 +273,7 @@ def encode_pool(clip: "Clip", pool: PairPool, transform: Any, batch_size: int = 
         for x, caps, _ in tqdm(loader, desc=f"embedding pool ({len(pool)} pairs)", unit="batch",
                                disable=not progress, leave=False):
             image_out.append(F.normalize(model.encode_image(x.to(device)).float(), dim=-1).cpu())
-            text_out.append(F.normalize(model.encode_text(clip.tokenize(caps).to(device)).float(), dim=-1).cpu())
+            text_out.append(F.normalize(text.encode_text(model, clip.tokenize(caps).to(device)).float(), dim=-1).cpu())
     finally:
         model.train(was_training)
     return torch.cat(image_out).numpy(), torch.cat(text_out).numpy()
@@ -320,7 +321,6 @@ def embed_pool(clip: "Clip", pool: PairPool, transform: Any = None, batch_size: 
 
 def class_queries(clip: "Clip", classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """(K, D) template-averaged, renormalised class-prompt embeddings (the zero-shot head's rows)."""
-    from bench import text
 
     model = clip.model
     device = next(model.parameters()).device
@@ -328,7 +328,8 @@ def class_queries(clip: "Clip", classnames: Sequence[str], templates: Sequence[s
     model.eval()
     try:
         with torch.no_grad():
-            raw = text.raw_embeddings(model.encode_text, clip.tokenize, list(classnames), list(templates), device)
+            raw = text.raw_embeddings(lambda t: text.encode_text(model, t), clip.tokenize, list(classnames),
+                                      list(templates), device)
     finally:
         model.train(was_training)
     return text.class_weights(raw).cpu().numpy().astype(np.float32)

@@ -16,7 +16,7 @@ def accuracy_table(model_name: str, pretrained: str | None, dataset: str, root: 
     clip = load_clip(model_name, pretrained)
     model = clip.model.eval()
     groups = {"seen": card.seen_classes, "unseen": card.unseen_classes}
-    heads = {g: text.class_weights(text.raw_embeddings(model.encode_text, clip.tokenize, card.prompt_names(cls),
+    heads = {g: text.class_weights(text.raw_embeddings(lambda t: text.encode_text(model, t), clip.tokenize, card.prompt_names(cls),
                                                        card.templates, "cpu"))
              for g, cls in groups.items() if cls}
     rows = []

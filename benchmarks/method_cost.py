@@ -1,7 +1,10 @@
 """Step cost of each method relative to ERM, and of the harness relative to a bare open_clip loop.
 
 All timings are taken side by side in one process, on the same batch, interleaved round by round
-(so a machine that gets busier slows every method alike), and reported as ratios of medians:
+(so a machine that gets busier slows every method alike), and reported as ratios of medians. Methods
+with a frozen reference tower (CAR-FT, Lipsum-FT) are timed twice: on unaugmented batches, where the
+reference features are cached per training item, and on augmented ones, where they are recomputed
+(without autograd) every step:
 
     python benchmarks/method_cost.py [--batch 64] [--rounds 12] [--steps 5] [--pretrained embedded]
 
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from bench.data import ImageItems, build_task, ensure_generated, load_card
 from bench.method import METHODS, build_method, load_builtin_methods
 from bench.models import load_clip
-from bench.train import lr_factor, param_groups, train_step
+from bench.train import lr_factor, make_optimizer, param_groups, train_step
 
 
 def make_batch(task, clip, n: int) -> dict:
@@ -34,13 +37,14 @@ def make_batch(task, clip, n: int) -> dict:
 
 
 def harness_stepper(name, clip_args, task, batch, hparams=None):
+    """-> (the method, a function that runs one training step of it on `batch`)."""
     clip = load_clip(*clip_args)
     method = build_method(name, clip, task, hparams or {}).train()
     named = method.trainable_parameters()
-    opt = torch.optim.AdamW(param_groups(named, 0.1), lr=1e-5)
+    opt = make_optimizer(named, 1e-5, 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, 10**6))
     params = [p for _, p in named]
-    return lambda: train_step(method, batch, opt, sched, params, 1.0, contextlib.nullcontext)
+    return method, lambda: train_step(method, batch, opt, sched, params, 1.0, contextlib.nullcontext)
 
 
 def bare_stepper(clip_args, task, batch):
@@ -58,7 +62,7 @@ def bare_stepper(clip_args, task, batch):
     model.requires_grad_(False)
     model.visual.requires_grad_(True)
     named = list(model.visual.named_parameters()) + [("head." + n, p) for n, p in head.named_parameters()]
-    opt = torch.optim.AdamW(param_groups(named, 0.1), lr=1e-5)
+    opt = torch.optim.AdamW(param_groups(named, 0.1), lr=1e-5, fused=True)  # the harness's optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, 10**6))
     params = [p for _, p in named]
     x, y = batch["images"], batch["labels"]
@@ -95,7 +99,13 @@ def main() -> None:
     batch = make_batch(task, load_clip(*clip_args), args.batch)
     names = args.methods or [n for n, cls in METHODS.items() if cls.trains]
     steppers = {"bare open_clip loop": bare_stepper(clip_args, task, batch)}
-    steppers.update({n: harness_stepper(n, clip_args, task, batch) for n in names})
+    # With train.augment: true every batch is new pixels, so a frozen reference tower cannot be cached:
+    # methods that have one are timed both ways (the unmarked row is the cached one, augment: false).
+    augmented = {**batch, "deterministic_images": False}
+    for n in names:
+        method, steppers[n] = harness_stepper(n, clip_args, task, batch)
+        if hasattr(method, "reference"):
+            steppers[f"{n} (augmented)"] = harness_stepper(n, clip_args, task, augmented)[1]
     for fn in steppers.values():  # warm-up (and fill the frozen-reference caches)
         fn(), fn()
     times = {n: [] for n in steppers}

@@ -33,6 +33,8 @@ from methods.flyp import FLYP
 
 log = logging.getLogger(__name__)
 
+ANCHOR_CACHE_BYTES = 1 << 30  # transformed anchor images kept in memory (32 px: all of them; 224 px: ~7,000)
+
 
 def embedded_corpus_pool(root: Path, n: int, seed: int) -> PairPool:
     """The embedded caption corpus (the tiny CLIP's pretraining data) as a pool, drawn once and cached."""
@@ -89,14 +91,26 @@ class ARF(FLYP):
                 self.retrieved = retrieve_for_task(clip, task.seen_names, self.templates, image_emb, text_emb,
                                                    min(hparams.top_k, len(pool)), by=hparams.retrieve_by)
             self.anchor_items = PairItems(pool, clip.preprocess_val, self.retrieved)
+            # The anchors' captions, tokenized once; their images (eval transform: deterministic) are kept once
+            # transformed, up to ANCHOR_CACHE_BYTES.
+            self.register_buffer("anchor_tokens", clip.tokenize([pool.caption(int(i)) for i in self.anchor_items.indices])
+                                 .to(device), persistent=False)
+            self._anchor_images: dict[int, torch.Tensor] = {}
             log.info("ARF: %d anchor pairs retrieved from %s", len(self.retrieved), pool)
+
+    def anchor_image(self, i: int) -> torch.Tensor:
+        x = self._anchor_images.get(i)
+        if x is None:
+            x = self.anchor_items[i][0]
+            if (len(self._anchor_images) + 1) * x.numel() * x.element_size() <= ANCHOR_CACHE_BYTES:
+                self._anchor_images[i] = x
+        return x
 
     def anchor_batch(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """A random mini-batch of retrieved pairs (drawn from torch's RNG, which the trainer seeds per step)."""
         idx = torch.randint(len(self.anchor_items), (self.hparams.retrieval_batch,)).tolist()
-        items = [self.anchor_items[i] for i in idx]
-        images = torch.stack([x for x, _, _ in items]).to(device)
-        return images, self.clip.tokenize([c for _, c, _ in items]).to(device)
+        images = torch.stack([self.anchor_image(i) for i in idx]).to(device)
+        return images, self.anchor_tokens[idx]
 
     def loss(self, batch):
         labels, device = batch["labels"], batch["labels"].device
@@ -112,7 +126,7 @@ class ARF(FLYP):
             texts.append(ret_tokens)
         # One forward pass per tower over everything in this step.
         img = F.normalize(self.model.encode_image(torch.cat(images)), dim=-1)
-        txt = F.normalize(self.model.encode_text(torch.cat(texts)), dim=-1)
+        txt = self.encode_text(torch.cat(texts))
         scale = self.model.logit_scale.exp()
         logs = {"prompt": contrastive_loss(img[:b], txt[:b], scale)}
         total, t = logs["prompt"], b

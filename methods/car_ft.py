@@ -38,7 +38,7 @@ class CARFT(ERM):
             raise BenchError(f"hparams.kl_direction must be zs_ft or ft_zs, got {hparams.kl_direction!r}")
         device = self.model.logit_scale.device
         with torch.no_grad():
-            raw = text.raw_embeddings(self.model.encode_text, clip.tokenize, task.seen_names, self.templates, device)
+            raw = text.raw_embeddings(self.encode_text, clip.tokenize, task.seen_names, self.templates, device)
         self.register_buffer("contexts", text.context_weights(raw), persistent=False)  # (T, D)
         self.tau = hparams.temperature or self.logit_scale_init
         self.reference = FrozenImageFeatures(self.model.visual)

@@ -37,7 +37,7 @@ class FLYP(Method):
         templates = torch.randint(len(self.templates), (len(labels),), device=labels.device)
         tokens = self.prompt_tokens[templates, labels]
         image = F.normalize(self.model.encode_image(batch["images"]), dim=-1)
-        text = F.normalize(self.model.encode_text(tokens), dim=-1)
+        text = self.encode_text(tokens)
         return contrastive_loss(image, text, self.model.logit_scale.exp())
 
     def eval_cache_clear(self) -> None:

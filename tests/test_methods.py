@@ -48,7 +48,7 @@ def test_every_shipped_method_is_registered():
 @pytest.mark.parametrize("name", TRAINED)
 def test_finite_loss_and_gradients_only_where_the_method_trains(embedded_root, name):
     method, task, clip = make(embedded_root, name)
-    batch = batch_of(task, clip, step=9)  # late step: LP-FT is fine-tuning
+    batch = batch_of(task, clip, step=9)
     loss = loss_of(method.loss(batch))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
@@ -193,13 +193,38 @@ def test_frozen_reference_cache_matches_uncached_features(embedded_root):
     assert torch.equal(cached_first, again) and torch.allclose(cached_first, uncached)
 
 
-def test_lp_ft_probes_then_finetunes(embedded_root):
-    method, task, clip = make(embedded_root, "lp_ft", {"lp_fraction": 0.5})
-    method.loss(batch_of(task, clip, step=2, total=10)).backward()
-    assert all(p.grad is None for p in method.model.visual.parameters()) and method.head.weight.grad is not None
-    method.zero_grad()
-    method.loss(batch_of(task, clip, step=5, total=10)).backward()
-    assert any(p.grad is not None for p in method.model.visual.parameters())
+def test_lp_ft_fits_its_probe_to_convergence_before_fine_tuning(embedded_root):
+    from methods.lp_ft import fit_linear_probe
+
+    erm, task, clip = make(embedded_root, "erm")
+    lpft, _, _ = make(embedded_root, "lp_ft")
+    features, labels = lpft.probe_features(clip)
+    assert len(labels) == len(task.train_items()) and torch.allclose(features.norm(dim=-1), torch.ones(len(labels)))
+    ce = lambda head: torch.nn.functional.cross_entropy(features @ head.weight.t() + head.bias, labels).item()
+    assert ce(lpft.head) < ce(erm.head)  # the probe fits the training images better than the zero-shot head
+    # ... and it is at a minimum of its objective: the gradient there is (nearly) zero
+    W, b = lpft.head.weight.detach().clone().requires_grad_(True), lpft.head.bias.detach().clone().requires_grad_(True)
+    obj = torch.nn.functional.cross_entropy(features @ W.t() + b, labels) + 1e-4 * (W ** 2).sum()
+    obj.backward()
+    assert W.grad.abs().max() < 1e-3 and b.grad.abs().max() < 1e-3
+    # then everything ERM trains trains: the image tower gets gradients at once
+    lpft.loss(batch_of(task, clip)).backward()
+    assert any(p.grad is not None for p in lpft.model.visual.parameters()) and lpft.head.weight.grad is not None
+    # the probe is deterministic: fitted again from the same start, the same head
+    again = fit_linear_probe(features, labels, erm.head.weight, erm.head.bias, 1e-4, 200)
+    assert torch.allclose(again[0], lpft.head.weight, atol=1e-5)
+
+
+def test_text_encoding_without_unused_padding_equals_the_full_context():
+    from bench.text import encode_text, trim_padding
+
+    clip = load_clip("TinyCLIP-32", None)
+    tokens = clip.tokenize(["a star", "a sketch of a large red lightning bolt on a striped background", "a cup"])
+    assert trim_padding(tokens).shape[1] < tokens.shape[1] and (trim_padding(tokens) != 0).any(0).all()
+    with torch.no_grad():
+        assert torch.allclose(encode_text(clip.model, tokens), clip.model.encode_text(tokens), atol=1e-5)
+        one = clip.tokenize(["a star"])
+        assert torch.allclose(encode_text(clip.model, one), clip.model.encode_text(one), atol=1e-5)
 
 
 def test_lipsum_random_texts_and_prefix_encoding_equal_full_context_encoding():

@@ -167,7 +167,9 @@ def test_pair_items_applies_the_transform_under_a_seed(corpus):
 def test_embed_pool_is_normalised_and_cached(corpus, tiny_clip, tmp_path, monkeypatch):
     pool = PairPool.from_embedded_corpus(corpus)
     calls = {"image": 0, "text": 0}
-    encode_image, encode_text = tiny_clip.model.encode_image, tiny_clip.model.encode_text
+    from bench import text
+
+    encode_image, encode_text = tiny_clip.model.encode_image, text.encode_text
 
     def count(kind, fn):
         def wrapped(*args, **kwargs):
@@ -176,7 +178,7 @@ def test_embed_pool_is_normalised_and_cached(corpus, tiny_clip, tmp_path, monkey
         return wrapped
 
     monkeypatch.setattr(tiny_clip.model, "encode_image", count("image", encode_image))
-    monkeypatch.setattr(tiny_clip.model, "encode_text", count("text", encode_text))
+    monkeypatch.setattr(text, "encode_text", count("text", encode_text))  # captions: bench.text.encode_text
     tiny_clip.model.train()
     img, txt = embed_pool(tiny_clip, pool, batch_size=20, cache=tmp_path / "emb", progress=False)
     assert tiny_clip.model.training  # mode restored
