@@ -14,8 +14,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
-
 log = logging.getLogger(__name__)
 
 CONFIG, RESULTS, CHECKPOINT, FINAL, DONE = "config.json", "results.jsonl", "checkpoint.pt", "final.pt", "done"
@@ -31,27 +29,35 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: the collector and job states read run folders without torch
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a corrupt or truncated line is skipped with a warning naming file and line."""
+def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
+    """Rows of a results file (none if it is missing); a corrupt or truncated line is skipped with a warning
+    naming the file and the line, and listed in `skipped`."""
     rows = []
-    if not path.is_file():
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
         return rows
-    with open(path) as f:
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not an object")
-                rows.append(row)
             except ValueError:
+                row = None
+            if not isinstance(row, dict):
                 log.warning("%s:%d: skipping a corrupt results line", path, lineno)
+                if skipped is not None:
+                    skipped.append(f"{path}:{lineno}")
+                continue
+            rows.append(row)
     return rows
 
 

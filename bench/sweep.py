@@ -1,28 +1,61 @@
-"""Sweep files: one YAML expands into jobs (methods x datasets x held-out domains x hparams x seeds).
+"""Sweep files: one YAML expands into jobs (methods x datasets x held-out domains x hparam draws x trial seeds).
 
     name: quickstart
-    output: runs/quickstart
+    output: runs/quickstart                  # one folder per job id under it
     base: {train: {steps: 150}}              # RunConfig keys shared by every job
     methods: [zeroshot, erm]
     datasets: [embedded]
-    test_domains: default                    # default | all | [[sketch], [photo]]
-    trial_seeds: [0, 1]
-    overrides: {methods: {erm: {train: {lr: 1e-4}}}, datasets: {embedded: {...}}}
-    launcher: {kind: local}
+    test_domains: all                        # default | all | [[sketch], [photo]] | {dataset: one of these}
+    test_domain_pairs: false                 # also every pair (for leave-one-domain-out model selection)
+    trial_seeds: [0, 1, 2]                   # decide the data splits
+    search:                                  # random hyperparameter search
+      n_draws: 20
+      draw_0: defaults                       # draw 0 keeps the configured values; or: random
+      space: {train.lr: [log10_uniform, -5, -3.5]}   # dotted run-config keys
+      method_spaces: true                    # add each method's Hparams.SEARCH (as hparams.<name>)
+    overrides:                               # run-config keys (and search.space) per method / per dataset
+      methods: {erm: {hparams: {label_smoothing: 0.1}, search: {space: {...}}}}
+      datasets: {domainnet: {train: {eval_every: 1000}}}
+    launcher: {kind: local}                  # debug | local | slurm (see LauncherConfig)
+
+Value of a run-config key, last wins: defaults < base < overrides.datasets < overrides.methods < the draw.
+Draw d of key k is drawn from an RNG seeded by (d, k) alone: never by the trial seed, the method or the
+dataset, and adding a key never changes the others' draws. Methods that train nothing get one draw.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from bench import config as C
-from bench.data import load_card
+from bench.data import domain_folder, load_card
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
+
+SAMPLERS = {  # kind -> (number of arguments, description)
+    "log10_uniform": (2, "10 ** U(lo, hi)"),
+    "uniform": (2, "U(lo, hi)"),
+    "int_uniform": (2, "an integer in [lo, hi]"),
+    "pow2_int_uniform": (2, "int(2 ** U(lo, hi)) (DomainBed's batch size)"),
+    "choice": (1, "one of a list"),
+}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_draws: int = 1
+    draw_0: str = "defaults"  # defaults: draw 0 keeps the configured values | random: draw 0 is drawn too
+    space: Mapping[str, Any] = field(default_factory=dict)  # dotted run-config key -> [kind, args...]
+    method_spaces: bool = True  # add each method's Hparams.SEARCH entries (hparams.<name>) not named here
 
 
 @dataclass(frozen=True)
@@ -32,8 +65,36 @@ class Overrides:
 
 
 @dataclass(frozen=True)
+class LocalLauncher:
+    workers: Any = "auto"  # jobs at once; auto: one per GPU, else one per core
+    threads: Any = "auto"  # torch threads per job; auto: cores // workers
+
+
+@dataclass(frozen=True)
+class SlurmLauncher:
+    partition: str | None = None
+    gpus: int = 1  # per job
+    cpus: int = 8  # per job (also its torch threads)
+    mem_gb: float = 32
+    time_min: int = 240  # per attempt; a job that times out is requeued and resumes
+    array_parallelism: int = 256  # array tasks running at once
+    max_array_size: int | None = None  # null: Slurm's MaxArraySize; bigger sweeps go out as several arrays
+    signal_delay_s: int = 120  # USR2 this long before the time limit: submitit requeues the job
+    job_name: str | None = None  # default: the sweep's name
+    sbatch: Mapping[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {account: x, qos: y}
+    setup: tuple[str, ...] = ()  # shell lines run before each job, e.g. "module load cuda"
+
+
+@dataclass(frozen=True)
 class LauncherConfig:
-    kind: str = "local"
+    kind: str = "local"  # debug (in this process) | local (local processes) | slurm (job arrays)
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 300.0
+    local: LocalLauncher = field(default_factory=LocalLauncher)
+    slurm: SlurmLauncher = field(default_factory=SlurmLauncher)
+
+
+LAUNCHERS = ("debug", "local", "slurm")
 
 
 @dataclass(frozen=True)
@@ -44,7 +105,9 @@ class SweepConfig:
     methods: tuple[str, ...] = ("erm",)
     datasets: tuple[str, ...] = ("embedded",)
     test_domains: Any = "default"
+    test_domain_pairs: bool = False
     trial_seeds: tuple[int, ...] = (0,)
+    search: SearchConfig = field(default_factory=SearchConfig)
     plugins: tuple[str, ...] = ()
     overrides: Overrides = field(default_factory=Overrides)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -55,48 +118,366 @@ class Job:
     cfg: C.RunConfig
     job_id: str
     run_dir: Path
+    draw: int
+    trains: bool  # False: evaluated as is (no training steps)
+    hparams: dict = field(repr=False, compare=False, default_factory=dict)  # resolved (defaults filled in)
+    seed: int = field(repr=False, compare=False, default=0)  # the training seed
+    meta: dict = field(repr=False, compare=False, default_factory=dict)  # sweep name, versions
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.train.steps if self.trains else 0
+
+    @property
+    def record(self) -> dict:
+        """What <run>/config.json holds (the trainer's format, plus the sweep and draw it came from)."""
+        meta = dict(self.meta)
+        name = meta.pop("sweep_name", None)
+        return {"job_id": self.job_id, "config": C.to_dict(self.cfg), "hparams": self.hparams, "seed": self.seed,
+                "protocol_version": C.PROTOCOL_VERSION, **meta, "sweep": {"name": name, "draw": self.draw}}
 
 
+# ---- loading -------------------------------------------------------------------------------------
 def load_sweep(path: str | Path) -> SweepConfig:
-    return C.from_dict(SweepConfig, C.read_yaml(path), str(path))
+    """Read and check a sweep file's structure (jobs are checked by `expand`)."""
+    source = str(path)
+    sweep = C.from_dict(SweepConfig, C.read_yaml(path), source)
+    if sweep.launcher.kind not in LAUNCHERS:
+        raise BenchError(f"{source}: launcher.kind: {sweep.launcher.kind!r} is not one of {', '.join(LAUNCHERS)}")
+    for key in ("workers", "threads"):
+        value = getattr(sweep.launcher.local, key)
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BenchError(f"{source}: launcher.local.{key} must be auto or a positive integer, got {value!r}")
+    if sweep.search.n_draws < 1:
+        raise BenchError(f"{source}: search.n_draws must be at least 1, got {sweep.search.n_draws}")
+    if sweep.search.draw_0 not in ("defaults", "random"):
+        raise BenchError(f"{source}: search.draw_0 must be defaults (draw 0 keeps the configured values) or random, "
+                         f"got {sweep.search.draw_0!r}")
+    for key in ("methods", "datasets", "trial_seeds"):
+        values = getattr(sweep, key)
+        if not values:
+            raise BenchError(f"{source}: {key} is empty; list at least one")
+        if len(set(values)) != len(values):
+            raise BenchError(f"{source}: {key} lists {_first_duplicate(values)!r} twice; list each once")
+    _check_space(sweep.search.space, "search.space", source)
+    C.from_dict(C.RunConfig, sweep.base, source, prefix="base.")
+    _check_not_grid(sweep.base, "base", source)
+    for kind in ("methods", "datasets"):
+        listed = getattr(sweep, kind)
+        for name, value in getattr(sweep.overrides, kind).items():
+            where = f"overrides.{kind}.{name}"
+            if name not in listed:
+                raise BenchError(f"{source}: {where}: {name!r} is not in {kind} ({', '.join(map(str, listed))}); "
+                                 f"add it there or remove the override")
+            if not isinstance(value, Mapping):
+                raise BenchError(f"{source}: {where} must be a mapping of run-config keys, got {value!r}")
+            C.from_dict(C.RunConfig, {k: v for k, v in value.items() if k != "search"}, source, prefix=f"{where}.")
+            _check_not_grid(value, where, source)
+            extra = value.get("search")
+            if extra is not None:
+                if not isinstance(extra, Mapping) or set(extra) - {"space"}:
+                    raise BenchError(f"{source}: {where}.search may only hold 'space' (a mapping of dotted keys)")
+                _check_space(extra.get("space") or {}, f"{where}.search.space", source)
+    return sweep
 
 
-def _test_domain_sets(spec: Any, card, source: str) -> list[tuple[str, ...]]:
+GRID_KEYS = {"method": "methods", "trial_seed": "trial_seeds", "plugins": "plugins", "data.dataset": "datasets",
+             "data.test_domains": "test_domains"}
+
+
+def _check_not_grid(d: Mapping, where: str, source: str) -> None:
+    for key, by in GRID_KEYS.items():
+        head, _, tail = key.partition(".")
+        if head in d and (not tail or tail in (d.get(head) or {})):
+            raise BenchError(f"{source}: {where}.{key} is set by the sweep's '{by}' key; remove it from {where}")
+
+
+def _first_duplicate(values):
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+
+
+def _check_space(space: Mapping, where: str, source: str) -> None:
+    if not isinstance(space, Mapping):
+        raise BenchError(f"{source}: {where} must map dotted run-config keys to [kind, args...], got {space!r}")
+    for key, spec in space.items():
+        _check_spec(spec, f"{where}.{key}", source)
+        parts = str(key).split(".")
+        if key in GRID_KEYS:
+            raise BenchError(f"{source}: {where}.{key}: {key} is set by the sweep's '{GRID_KEYS[key]}' key, "
+                             f"not drawn; remove it from the space")
+        if parts[0] == "hparams":  # hparams.<name> are checked per method by expand
+            if len(parts) != 2 or not parts[1]:
+                raise BenchError(f"{source}: {where}.{key}: name one hyperparameter, e.g. hparams.lam")
+        else:
+            _check_key(parts, f"{where}.{key}", source)
+
+
+def _check_spec(spec: Any, where: str, source: str) -> None:
+    kinds = ", ".join(f"[{k}, ...] ({d})" for k, (_, d) in SAMPLERS.items())
+    if isinstance(spec, tuple):
+        spec = list(spec)
+    if not isinstance(spec, list) or not spec or spec[0] not in SAMPLERS:
+        raise BenchError(f"{source}: {where}: {spec!r} is not a search space; use one of {kinds}")
+    n_args, _ = SAMPLERS[spec[0]]
+    args = spec[1:]
+    if len(args) != n_args:
+        raise BenchError(f"{source}: {where}: {spec[0]} takes {n_args} argument(s), got {args!r}")
+    if spec[0] == "choice":
+        if not isinstance(args[0], list) or not args[0]:
+            raise BenchError(f"{source}: {where}: choice needs a non-empty list, e.g. [choice, [0.1, 1.0]]")
+    elif not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) or args[0] > args[1]:
+        raise BenchError(f"{source}: {where}: {spec[0]} needs two numbers lo <= hi, got {args!r}")
+
+
+def _check_key(parts: list[str], where: str, source: str) -> None:
+    """A dotted key must name a field of RunConfig (hparams.* excepted)."""
+    cls: Any = C.RunConfig
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if fields is None or part not in fields:
+            valid = ", ".join(".".join(parts[:i] + [f]) for f in (fields or {}))
+            close = difflib.get_close_matches(part, list(fields or {}), n=1)
+            hint = f"did you mean '{'.'.join(parts[:i] + [close[0]])}'? " if close else ""
+            raise BenchError(f"{source}: {where}: unknown run-config key '{'.'.join(parts)}': {hint}"
+                             f"valid keys: {valid or 'none (not a section)'}")
+        cls = _field_type(cls, part)
+
+
+def _field_type(cls, name):
+    import typing
+
+    return typing.get_type_hints(cls)[name]
+
+
+# ---- drawing hyperparameters ---------------------------------------------------------------------
+def draw_value(spec: Any, draw: int, key: str) -> Any:
+    """Draw `draw` of hyperparameter `key`: a function of (draw, key) alone. Floats keep 4 significant digits."""
+    kind, *args = spec
+    rng = np.random.default_rng(C.seed_hash("search", draw, key))
+    if kind == "choice":
+        value = args[0][int(rng.integers(len(args[0])))]
+        return value
+    if kind == "int_uniform":
+        return int(rng.integers(int(args[0]), int(args[1]) + 1))
+    u = float(rng.uniform(args[0], args[1]))
+    if kind == "uniform":
+        return float(f"{u:.4g}")
+    if kind == "log10_uniform":
+        return float(f"{10 ** u:.4g}")
+    if kind == "pow2_int_uniform":
+        return int(2 ** u)
+    raise AssertionError(kind)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> dict:
+    parts = key.split(".")
+    out = dict(d)
+    node = out
+    for part in parts[:-1]:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def _method_space(method_cls) -> dict:
+    search = getattr(getattr(method_cls, "Hparams", None), "SEARCH", None) or {}
+    return {f"hparams.{k}": list(v) for k, v in search.items()}
+
+
+# ---- expanding -----------------------------------------------------------------------------------
+def _test_domain_sets(spec: Any, card, source: str, pairs: bool) -> list[tuple[str, ...]]:
+    where = "test_domains"
+    if isinstance(spec, Mapping):
+        if card.name not in spec:
+            raise BenchError(f"{source}: test_domains has no entry for dataset {card.name}; add one "
+                             f"(default, all or a list of domain lists)")
+        where, spec = f"test_domains.{card.name}", spec[card.name]
+    shift = getattr(card, "protocol", "domainbed") == "shift"  # ImageNet-style: one training, every shift tested
     if spec == "default":
-        return [tuple(card.default_test_domains or card.domains[:1])]
-    if spec == "all":
-        return [(d,) for d in card.domains]
-    if isinstance(spec, list):
-        return [tuple(s) if isinstance(s, list) else (s,) for s in spec]
-    raise BenchError(f"{source}: test_domains must be default, all or a list of domain lists, got {spec!r}")
+        sets = [tuple(card.default_test_domains or card.domains[:1])]
+    elif spec == "all":
+        sets = [tuple(card.shifts)] if shift else [(d,) for d in card.domains]
+    elif isinstance(spec, list) and spec:
+        sets = [tuple(s) if isinstance(s, list) else (s,) for s in spec]
+    else:
+        raise BenchError(f"{source}: {where} must be default, all or a list of domain lists (e.g. [[sketch], "
+                         f"[photo]]), got {spec!r}")
+    for s in sets:
+        bad = [d for d in s if d not in card.domains]
+        if bad:
+            raise BenchError(f"{source}: {where}: {bad[0]!r} is not a domain of {card.name}; "
+                             f"its domains are {', '.join(card.domains)}")
+        if not shift and len(set(s)) >= len(card.domains):
+            raise BenchError(f"{source}: {where}: {list(s)} holds every domain of {card.name}; leave one to train on")
+    if pairs and not shift and len(card.domains) > 2:
+        sets += [p for p in itertools.combinations(card.domains, 2) if p not in sets]
+    return sets
 
 
-def expand(sweep: SweepConfig, source: str = "sweep") -> list[Job]:
+def _check_data(card, root: str, dataset: str, test_domains: set[str], source: str) -> None:
+    """The images must be there before any job is launched (the embedded benchmark is drawn on first use)."""
+    if card.generator is not None:
+        return
+    if getattr(card, "protocol", "domainbed") == "shift":
+        needed = [card.train_domain, card.id_test_domain, *sorted(test_domains)]
+    else:
+        needed = list(card.domains)
+    missing = [d for d in needed if d and not domain_folder(root, card, d).is_dir()]
+    if missing:
+        folder = domain_folder(root, card, missing[0])
+        how = (getattr(card, "sets", {}).get(missing[0]) or {}).get("download") or card.download
+        raise BenchError(f"{source}: datasets: {dataset}: data folder {folder} not found; download it "
+                         f"({how or 'see datasets/' + dataset + '.yaml'}) or set the data root "
+                         f"(base.data.root, or overrides.datasets.{dataset}.data.root)")
+
+
+def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -> list[Job]:
     """Every job of a sweep, validated in full (nothing runs or is written here)."""
+    from bench.method import METHODS, hparams_dict, load_builtin_methods, load_plugin
     from bench.train import prepare
 
-    jobs = []
+    load_builtin_methods()
+    plugins = [str(Path(p).resolve()) for p in sweep.plugins]
+    for p in plugins:
+        try:
+            load_plugin(p)
+        except BenchError as err:
+            raise BenchError(f"{source}: plugins: {err}") from None
+    for m in sweep.methods:
+        if m not in METHODS:
+            raise BenchError(f"{source}: methods: {METHODS.unknown_message(m)}")
+    output = Path(sweep.output).resolve()
+    meta = {**_versions(), "sweep_name": sweep.name}
+    jobs: dict[str, Job] = {}
+    cards = {}
     for dataset in sweep.datasets:
-        card = load_card(dataset)
-        for test_domains in _test_domain_sets(sweep.test_domains, card, source):
-            for method in sweep.methods:
-                for trial_seed in sweep.trial_seeds:
-                    d = C.merge(dict(sweep.base), {"method": method, "trial_seed": trial_seed,
-                                                   "plugins": list(sweep.plugins),
-                                                   "data": {"dataset": dataset, "test_domains": list(test_domains)}})
-                    d = C.merge(d, dict(sweep.overrides.datasets.get(dataset, {})))
-                    d = C.merge(d, dict(sweep.overrides.methods.get(method, {})))
-                    cfg = C.from_dict(C.RunConfig, d, source)
-                    prep = prepare(cfg, source)
-                    jobs.append(Job(cfg, prep.job_id, Path(sweep.output) / prep.job_id))
-    return jobs
+        try:
+            cards[dataset] = card = load_card(dataset)
+        except BenchError as err:
+            raise BenchError(f"{source}: datasets: {err}") from None
+        ds_over = dict(sweep.overrides.datasets.get(dataset) or {})
+        ds_space = dict((ds_over.pop("search", None) or {}).get("space") or {})
+        domain_sets = _test_domain_sets(sweep.test_domains, card, source, sweep.test_domain_pairs)
+        checked_roots = set()
+        for method in sweep.methods:
+            cls = METHODS.get(method)
+            m_over = dict(sweep.overrides.methods.get(method) or {})
+            m_space = dict((m_over.pop("search", None) or {}).get("space") or {})
+            space = {**(_method_space(cls) if sweep.search.method_spaces else {}), **sweep.search.space,
+                     **ds_space, **m_space}
+            trains = getattr(cls, "trains", True)
+            hparam_fields = {f.name for f in dataclasses.fields(cls.Hparams)} if dataclasses.is_dataclass(
+                cls.Hparams) else set()
+            for key in space:
+                if key.startswith("hparams.") and key.split(".", 1)[1] not in hparam_fields:
+                    raise BenchError(f"{source}: search space key {key!r} is not a hyperparameter of method {method} "
+                                     f"(its hparams: {', '.join(sorted(hparam_fields)) or 'none'}); put it under "
+                                     f"overrides.methods.<method>.search.space")
+            draws = range(sweep.search.n_draws) if trains else range(1)
+            for draw in draws:
+                values = {} if (draw == 0 and (sweep.search.draw_0 == "defaults" or not trains)) else {
+                    k: draw_value(spec, draw, k) for k, spec in sorted(space.items())}
+                d = C.merge(dict(sweep.base), {"method": method, "trial_seed": sweep.trial_seeds[0],
+                                               "data": {"dataset": dataset, "test_domains": list(domain_sets[0])}})
+                d = C.merge(d, ds_over)
+                d = C.merge(d, m_over)
+                for key, value in values.items():
+                    d = _set_dotted(d, key, value)
+                d["plugins"] = plugins
+                d = _set_dotted(d, "data.root", str(Path((d.get("data") or {}).get("root", "data")).resolve()))
+                # Validated once per draw; held-out domains and trial seeds (checked above) only replace fields.
+                cfg0 = C.from_dict(C.RunConfig, d, source)
+                if (dataset, cfg0.data.root) not in checked_roots and check_data:
+                    _check_data(card, cfg0.data.root, dataset, {d for ds in domain_sets for d in ds}, source)
+                    checked_roots.add((dataset, cfg0.data.root))
+                for test_domains in domain_sets:
+                    data = dataclasses.replace(cfg0.data, test_domains=tuple(test_domains))
+                    for trial_seed in sweep.trial_seeds:
+                        cfg = dataclasses.replace(cfg0, data=data, trial_seed=trial_seed)
+                        prep = prepare(cfg, source, card=card)
+                        if prep.job_id in jobs:
+                            continue  # two draws that agree (a choice space, or a method that ignores a key)
+                        jobs[prep.job_id] = Job(cfg, prep.job_id, output / prep.job_id, draw, trains,
+                                                hparams_dict(prep.hparams), prep.seed, meta)
+    return list(jobs.values())
 
 
-def run_local(jobs: list[Job], progress: bool = True) -> None:
-    """Run jobs one after another in this process."""
-    from bench.train import run
+def _versions() -> dict:
+    import platform
 
-    for i, job in enumerate(jobs, 1):
-        log.info("job %d/%d: %s %s seed %d -> %s", i, len(jobs), job.cfg.method, ",".join(job.cfg.data.test_domains),
-                 job.cfg.trial_seed, job.run_dir)
-        run(job.cfg, job.run_dir, progress=progress)
+    import torch
+
+    from bench.train import git_commit
+
+    return {"git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ---- filters (--only key=value[,value]) -----------------------------------------------------------
+FILTER_KEYS = {
+    "method": lambda j: {j.cfg.method},
+    "dataset": lambda j: {j.cfg.data.dataset},
+    "test_domains": lambda j: {"+".join(j.cfg.data.test_domains)},
+    "draw": lambda j: {str(j.draw)},
+    "trial_seed": lambda j: {str(j.cfg.trial_seed)},
+    "job": lambda j: {j.job_id},
+}
+
+
+def parse_only(only: list[str], source: str = "--only") -> list[tuple[str, set[str]]]:
+    out = []
+    for text in only or ():
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or key not in FILTER_KEYS or not values:
+            raise BenchError(f"--only {text}: expected KEY=VALUE[,VALUE] with KEY one of {', '.join(FILTER_KEYS)} "
+                             f"(e.g. --only method=erm)")
+        out.append((key, {v.strip() for v in values.split(",")}))
+    return out
+
+
+def _matches(job: Job, filters) -> bool:
+    return all(FILTER_KEYS[key](job) & values for key, values in filters)
+
+
+def select(all_jobs: list[Job], only: list[str], source: str) -> list[Job]:
+    """The jobs that pass every --only filter. A value that no job of the sweep has is an error naming the
+    values it could take (so a typo never silently selects nothing)."""
+    filters = parse_only(only, source)
+    for key, values in filters:
+        known = set().union(*(FILTER_KEYS[key](j) for j in all_jobs)) if all_jobs else set()
+        unknown = sorted(values - known)
+        if unknown and key != "job":
+            raise BenchError(f"--only {key}={unknown[0]}: no job of {source} has it; its {key} values: "
+                             f"{', '.join(sorted(known, key=_natural))}")
+    return [j for j in all_jobs if _matches(j, filters)]
+
+
+def _natural(s: str):
+    return (0, int(s), "") if s.isdigit() else (1, 0, s)
+
+
+def describe(sweep: SweepConfig, jobs: list[Job]) -> str:
+    """'2 methods x 1 dataset x 4 held-out domain sets x 20 draws x 3 trial seeds'."""
+    def n(count, word):
+        return f"{count} {word}{'' if count == 1 else 's'}"
+    domain_sets = {(j.cfg.data.dataset, j.cfg.data.test_domains) for j in jobs}
+    draws = {j.draw for j in jobs}
+    return " x ".join([n(len({j.cfg.method for j in jobs}), "method"),
+                       n(len({j.cfg.data.dataset for j in jobs}), "dataset"),
+                       n(len(domain_sets), "held-out domain set"), n(len(draws), "draw"),
+                       n(len({j.cfg.trial_seed for j in jobs}), "trial seed")])
+
+
+def fmt_hours(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:,.1f} h"

@@ -1,0 +1,362 @@
+"""Launching a sweep's jobs through submitit: debug (in this process), local (local processes), slurm (job arrays).
+
+Every launcher does the same three things: plan from the job folders' states (bench.jobs), write each job's
+folder (config.json, `submitted`) and hand the job its folder alone (bench.jobs.JobTask reads the rest there).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bench import jobs as J
+from bench import results as R
+from bench.errors import BenchError
+from bench.sweep import Job, SweepConfig, describe, fmt_hours
+
+log = logging.getLogger(__name__)
+
+SHOWN_STATES = ("done", "running", "submitted", "failed", "stale", "missing")
+
+
+# ---- planning ------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    jobs: list[Job]
+    states: list[str]
+    retry: bool = False
+
+    @property
+    def counts(self) -> collections.Counter:
+        return collections.Counter(self.states)
+
+    @property
+    def to_launch(self) -> list[Job]:
+        wanted = {"missing", "failed", "stale"} if self.retry else {"missing"}
+        return [j for j, s in zip(self.jobs, self.states) if s in wanted]
+
+
+def make_plan(jobs: list[Job], retry: bool = False, stale_after: float = J.STALE_AFTER_S) -> Plan:
+    return Plan(jobs, J.states([j.run_dir for j in jobs], stale_after), retry)
+
+
+def _job_seconds(job: Job) -> float | None:
+    """Wall time of a done job's last attempt: from its heartbeat's start to its `done`."""
+    try:
+        start = json.loads((job.run_dir / J.HEARTBEAT).read_text())["time"]
+        return max(0.0, (job.run_dir / R.DONE).stat().st_mtime - start)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def estimate(plan: Plan, jobs: list[Job], gpus_per_job: int = 0, max_timed: int = 30) -> str:
+    """Compute to launch: training steps, and job time from finished jobs of the same method and dataset."""
+    todo = jobs
+    steps = sum(j.steps for j in todo)
+    timed: dict[tuple, list[float]] = collections.defaultdict(list)
+    for j, s in zip(plan.jobs, plan.states):
+        key = (j.cfg.method, j.cfg.data.dataset)
+        if s == "done" and len(timed[key]) < max_timed:
+            sec = _job_seconds(j)
+            if sec is not None:
+                timed[key].append(sec / max(1, j.steps) if j.trains else sec)
+    text = f"{len(todo):,} jobs, {steps:,} training steps"
+    if not todo:
+        return text
+    by_method: dict[str, list[float]] = collections.defaultdict(list)
+    for (m, _), v in timed.items():
+        by_method[m] += v
+    seconds, n_unknown = 0.0, 0
+    for j in todo:
+        v = timed.get((j.cfg.method, j.cfg.data.dataset)) or by_method.get(j.cfg.method)
+        if not v:
+            n_unknown += 1
+            continue
+        rate = sum(v) / len(v)
+        seconds += rate * (max(1, j.steps) if j.trains else 1)
+    n_timed = sum(len(v) for v in timed.values())
+    if n_unknown == len(todo):
+        return text + " (no finished job of these methods yet to time them)"
+    text += f"; ~{fmt_hours(seconds)} of job time"
+    if gpus_per_job:
+        text += f" (~{seconds * gpus_per_job / 3600:,.1f} GPU-h)"
+    text += f", timed on {n_timed} finished job{'s' if n_timed != 1 else ''} of the same method and dataset"
+    if n_unknown:
+        text += f"; {n_unknown:,} jobs of untimed methods not counted"
+    return text
+
+
+def status_text(source: str, sweep: SweepConfig, plan: Plan, kind: str) -> str:
+    counts = plan.counts
+    lines = [f"{source}: {len(plan.jobs):,} jobs in {sweep.output} ({describe(sweep, plan.jobs)})",
+             "  " + " · ".join(f"{s} {counts.get(s, 0):,}" for s in SHOWN_STATES)]
+    methods = sorted({j.cfg.method for j in plan.jobs})
+    if len(methods) > 1:
+        per = collections.defaultdict(collections.Counter)
+        for j, s in zip(plan.jobs, plan.states):
+            per[j.cfg.method][s] += 1
+        width = max(len(m) for m in methods + ["method"])
+        lines.append("  " + "method".ljust(width) + "".join(f"{s:>10s}" for s in SHOWN_STATES))
+        for m in methods:
+            lines.append("  " + m.ljust(width) + "".join(f"{per[m].get(s, 0):>10,}" for s in SHOWN_STATES))
+    todo = plan.to_launch
+    again = counts.get("failed", 0) + counts.get("stale", 0)
+    line = f"  to launch: {len(todo):,}"
+    if again and not plan.retry:
+        line += f" (and {again:,} failed or stale: add --retry to relaunch them)"
+    lines.append(line)
+    gpus = sweep.launcher.slurm.gpus if kind == "slurm" else 0
+    lines.append(f"  compute to launch ({kind}): {estimate(plan, todo, gpus)}")
+    failed = [j for j, s in zip(plan.jobs, plan.states) if s == "failed"][:3]
+    for j in failed:
+        lines.append(f"  failed: {j.run_dir / J.FAILED}: {_last_line(j.run_dir / J.FAILED)}")
+    return "\n".join(lines)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        return lines[-1][:200] if lines else ""
+    except OSError:
+        return ""
+
+
+# ---- writing job folders -------------------------------------------------------------------------
+def write_folder(job: Job, launcher: str) -> dict:
+    """config.json (once: a relaunch keeps the first) and `submitted`; returns what `submitted` holds.
+    Few file operations: a sweep of 10,000 jobs writes 10,000 folders."""
+    try:
+        job.run_dir.mkdir(parents=True)
+        fresh = True
+    except FileExistsError:
+        fresh = False
+    path = job.run_dir / R.CONFIG
+    if not fresh and path.is_file():
+        other = J.read_json(path).get("job_id")
+        if other not in (None, job.job_id):
+            raise BenchError(f"{job.run_dir} holds another job ({other}); move it away, it is not this sweep's")
+    else:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(job.record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    info = {"launcher": launcher, "time": time.time()}
+    if launcher in ("local", "debug"):  # the jobs end with this process (see bench.jobs)
+        info.update(J.this_process())
+    if fresh:
+        J.write_submitted(job.run_dir, info)
+    else:
+        J.mark_submitted(job.run_dir, **info)
+    return info
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    launched: int = 0
+    done: int = 0
+    failed: list[Path] = field(default_factory=list)
+    died: list[Path] = field(default_factory=list)  # ended without done or failed (killed, out of memory)
+    slurm_ids: list[str] = field(default_factory=list)
+
+
+def launch(jobs: list[Job], sweep: SweepConfig, kind: str | None = None, progress: bool = True,
+           workers: int | None = None, task: Callable | None = None) -> Report:
+    kind = kind or sweep.launcher.kind
+    if not jobs:
+        return Report()
+    _draw_generated_data(jobs, progress)
+    if kind == "debug":
+        return _launch_debug(jobs, sweep, task)
+    if kind == "local":
+        return _launch_local(jobs, sweep, progress, workers, task)
+    if kind == "slurm":
+        return _launch_slurm(jobs, sweep, task)
+    raise BenchError(f"launcher {kind!r} is not one of debug, local, slurm")
+
+
+def _draw_generated_data(jobs: list[Job], progress: bool) -> None:
+    """The embedded benchmark is drawn on first use: once, here, not by parallel jobs racing to write it."""
+    from bench.data import ensure_generated, load_card
+
+    for dataset, root in sorted({(j.cfg.data.dataset, j.cfg.data.root) for j in jobs}):
+        card = load_card(dataset)
+        if card.generator is not None:
+            ensure_generated(card, root, progress)
+
+
+def _submitit_folder(sweep: SweepConfig) -> Path:
+    return Path(sweep.output).resolve() / ".submitit"
+
+
+def _launch_debug(jobs: list[Job], sweep: SweepConfig, task) -> Report:
+    """In this process, one job after the other (submitit's DebugExecutor: pdb on failure when interactive)."""
+    import submitit
+
+    task = task or J.JobTask(heartbeat_s=sweep.launcher.heartbeat_s)
+    executor = submitit.DebugExecutor(folder=_submitit_folder(sweep) / "debug")
+    report = Report()
+    for job in jobs:
+        write_folder(job, "debug")
+        report.launched += 1
+        sub = executor.submit(task, str(job.run_dir))
+        try:
+            if sys.stdin is not None and sys.stdin.isatty():
+                sub.result()
+            else:
+                sub.submission().result()
+        except KeyboardInterrupt:
+            J.unmark(job.run_dir)
+            raise
+        report.done += 1
+    return report
+
+
+def local_resources(n_jobs: int, workers: int | str | None, threads: int | str | None) -> tuple[int, int, list[int]]:
+    """(workers, torch threads per job, GPU ids): one job per GPU, else one per core; threads = cores // workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus: list[int] = []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = list(range(torch.cuda.device_count()))
+    except ImportError:  # pragma: no cover
+        pass
+    if workers in (None, "auto"):
+        workers = len(gpus) or cores
+    workers = max(1, min(int(workers), n_jobs))
+    if threads in (None, "auto"):
+        threads = max(1, cores // workers)
+    return workers, int(threads), gpus
+
+
+def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: int | None, task) -> Report:
+    """Local processes (submitit's LocalExecutor), `workers` at once, with a progress bar.
+
+    The jobs end with this process (a killed sweep leaves no orphans; its jobs read 'stale' and --retry
+    resumes them); Ctrl-C cancels the running jobs and returns them to 'missing' (their checkpoints stay)."""
+    import submitit
+    from tqdm.auto import tqdm
+
+    lc = sweep.launcher.local
+    workers, threads, gpus = local_resources(len(jobs), workers or lc.workers, lc.threads)
+    task = task or J.JobTask(threads=threads, heartbeat_s=sweep.launcher.heartbeat_s, owner=J.owner_token())
+    log.info("local launcher: %d jobs, %d at once, %d torch threads each%s", len(jobs), workers, threads,
+             f", GPUs {gpus}" if gpus else "")
+    pending = collections.deque(jobs)
+    running: dict[str, tuple[Job, object, int | None]] = {}
+    free_gpus = list(gpus)
+    report = Report()
+    bar = tqdm(total=len(jobs), disable=not progress, unit="job", desc=sweep.name, dynamic_ncols=True)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.popleft()
+                gpu = free_gpus.pop(0) if free_gpus else None
+                executor = submitit.LocalExecutor(folder=job.run_dir / "logs")
+                executor.update_parameters(timeout_min=60 * 24 * 365, gpus_per_node=1 if gpu is not None else 0,
+                                           visible_gpus=[gpu] if gpu is not None else ())
+                write_folder(job, "local")
+                sub = executor.submit(task, str(job.run_dir))
+                J.update_submitted(job.run_dir, local_pid=sub.job_id, log=str(sub.paths.stdout),
+                                   err=str(sub.paths.stderr))
+                running[job.job_id] = (job, sub, gpu)
+                report.launched += 1
+            time.sleep(0.2)
+            for key in [k for k, (_, sub, _) in running.items() if sub.done()]:
+                job, sub, gpu = running.pop(key)
+                if gpu is not None:
+                    free_gpus.append(gpu)
+                state = J.job_state(job.run_dir)
+                if state == "done":
+                    report.done += 1
+                elif state == "failed":
+                    report.failed.append(job.run_dir)
+                    log.error("job %s failed: %s", job.run_dir, _last_line(job.run_dir / J.FAILED))
+                else:
+                    report.died.append(job.run_dir)
+                    log.error("job %s ended without a result (%s); see %s", job.run_dir, state, sub.paths.stderr)
+                bar.update(1)
+                bar.set_postfix(done=report.done, failed=len(report.failed) + len(report.died))
+    except BaseException:
+        for job, sub, _ in running.values():
+            sub.cancel()
+        deadline = time.time() + 15
+        for job, sub, _ in running.values():
+            while not sub.done() and time.time() < deadline:
+                time.sleep(0.1)
+            if J.job_state(job.run_dir) not in ("done", "failed"):
+                J.unmark(job.run_dir)
+        raise
+    finally:
+        bar.close()
+    return report
+
+
+def slurm_max_array_size() -> int:
+    """Slurm's MaxArraySize (array indices run 0 .. MaxArraySize - 1)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+        for line in out.splitlines():
+            if line.strip().startswith("MaxArraySize"):
+                return int(line.split("=", 1)[1].strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return 1001  # Slurm's default
+
+
+def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
+    """Job arrays through submitit; returns once they are queued. Each array task gets one job folder."""
+    import submitit
+
+    if shutil.which("sbatch") is None:
+        raise BenchError("launcher slurm: sbatch not found on PATH; run on a Slurm login node (or start the test "
+                         "cluster: scripts/slurm-local.sh start), or use --launcher local")
+    sc = sweep.launcher.slurm
+    # One folder for the whole sweep's logs and pickles (a folder per job would cost 10,000 mkdirs).
+    executor = submitit.SlurmExecutor(folder=_submitit_folder(sweep), max_num_timeout=3)
+    params = dict(time=sc.time_min, cpus_per_task=sc.cpus, mem=f"{int(round(sc.mem_gb * 1024))}M",
+                  array_parallelism=sc.array_parallelism, signal_delay_s=sc.signal_delay_s,
+                  job_name=sc.job_name or sweep.name, setup=list(sc.setup),
+                  additional_parameters=dict(sc.sbatch) or None)
+    if sc.partition:
+        params["partition"] = sc.partition
+    if sc.gpus:
+        params["gpus_per_node"] = sc.gpus
+    try:
+        executor.update_parameters(**params)
+    except ValueError as err:
+        raise BenchError(f"launcher.slurm: {str(err).splitlines()[0]}; fix launcher.slurm") from None
+    task = task or J.JobTask(threads=sc.cpus, heartbeat_s=sweep.launcher.heartbeat_s)
+    size = sc.max_array_size or slurm_max_array_size()
+    report = Report()
+    for start in range(0, len(jobs), size):
+        chunk = jobs[start:start + size]
+        infos = [write_folder(job, "slurm") for job in chunk]
+        try:
+            subs = executor.map_array(task, [str(j.run_dir) for j in chunk])
+        except Exception as err:  # noqa: BLE001  (sbatch refused: nothing of this chunk is queued)
+            for job in chunk:
+                J.unmark(job.run_dir)
+            first = str(err).strip().splitlines()
+            raise BenchError(f"sbatch refused the array ({first[-1] if first else type(err).__name__}); "
+                             f"check launcher.slurm (partition, gpus, mem, time, sbatch)") from None
+        folder = str(_submitit_folder(sweep))
+        for job, sub, info in zip(chunk, subs, infos):  # submitit's file names, without its slow path helpers
+            J.write_submitted(job.run_dir, {**info, "slurm_job_id": sub.job_id,
+                                            "log": f"{folder}/{sub.job_id}_0_log.out",
+                                            "err": f"{folder}/{sub.job_id}_0_log.err"})
+        report.launched += len(chunk)
+        array_id = subs[0].job_id.split("_")[0]
+        report.slurm_ids.append(array_id)
+        log.info("slurm array %s: %d jobs", array_id, len(chunk))
+    return report

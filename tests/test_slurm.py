@@ -1,0 +1,111 @@
+"""Sweeps on a real Slurm cluster (a one-node one on this machine: scripts/slurm-local.sh start).
+
+Without a cluster that answers, these tests skip and say why. .ci/run installs Slurm, starts the cluster,
+runs the suite and stops the cluster.
+"""
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from bench import jobs as J
+from bench import results as R
+from bench import sweep as S
+from bench.cli import main
+from bench.train import run
+from tests.test_sweep import acc_rows, one_thread, slow_plugin, sweep_yaml  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slurm
+
+SLURM = {"kind": "slurm", "heartbeat_s": 1,
+         "slurm": {"cpus": 1, "gpus": 0, "mem_gb": 1, "time_min": 10, "array_parallelism": 2}}
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        pytest.skip("Slurm is not installed (scripts/slurm-local.sh install, then start)")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"sinfo failed ({err}): no Slurm cluster answers")
+    states = out.stdout.split()
+    if out.returncode != 0 or not any(s in ("idle", "mixed", "allocated") for s in states):
+        pytest.skip(f"no Slurm node is up ({(out.stderr or out.stdout).strip()[:200] or 'no nodes'}); "
+                    f"start one with scripts/slurm-local.sh start")
+
+
+def wait_for(jobs, states=("done", "failed"), timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        now = [J.job_state(j.run_dir) for j in jobs]
+        if all(s in states for s in now):
+            return now
+        time.sleep(0.5)
+    logs = [J.read_json(j.run_dir / J.SUBMITTED).get("log") for j in jobs]
+    tails = [open(p).read()[-2000:] for p in logs if p and open(p)]
+    squeue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
+    raise AssertionError(f"jobs not finished after {timeout} s: {now}\n{squeue}\n" + "\n".join(tails))
+
+
+def test_a_sweep_through_slurm_equals_the_same_sweep_run_locally(slurm_cluster, embedded_root, tmp_path):
+    grid = dict(methods=["zeroshot", "erm"], test_domains=[["sketch"]])
+    on_slurm = sweep_yaml(tmp_path / "a", embedded_root, launcher=SLURM, **grid)
+    assert main(["sweep", str(on_slurm), "--no-progress"]) == 0  # returns once queued
+    jobs = S.expand(S.load_sweep(on_slurm), str(on_slurm))
+    submitted = [J.read_json(j.run_dir / J.SUBMITTED) for j in jobs]
+    assert all(s["launcher"] == "slurm" and "_" in s["slurm_job_id"] for s in submitted)  # one array
+    assert len({s["slurm_job_id"].split("_")[0] for s in submitted}) == 1
+
+    local = sweep_yaml(tmp_path / "b", embedded_root, launcher={"kind": "local", "local": {"workers": 2, "threads": 1}}, **grid)
+    assert main(["sweep", str(local), "--no-progress"]) == 0
+    assert wait_for(jobs) == ["done"] * len(jobs)
+    local_jobs = S.expand(S.load_sweep(local), str(local))
+    assert [j.job_id for j in local_jobs] == [j.job_id for j in jobs]
+    for a, b in zip(jobs, local_jobs):
+        assert acc_rows(a.run_dir) == acc_rows(b.run_dir) and acc_rows(a.run_dir)
+    assert main(["sweep", str(on_slurm), "--no-progress"]) == 0  # all done: nothing is submitted again
+    assert [J.read_json(j.run_dir / J.SUBMITTED) for j in jobs] == submitted
+
+
+
+
+def test_a_job_requeued_half_way_resumes_and_ends_as_an_unbroken_run(slurm_cluster, embedded_root, slow_plugin,
+                                                                     tmp_path, monkeypatch, one_thread):
+    path = sweep_yaml(tmp_path, embedded_root, methods=["slow_erm"], plugins=[str(slow_plugin)], launcher=SLURM,
+                      train={"steps": 24, "eval_every": 8, "checkpoint_every": 2})
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    (job,) = S.expand(S.load_sweep(path), str(path))
+    slurm_id = J.read_json(job.run_dir / J.SUBMITTED)["slurm_job_id"]
+    deadline = time.time() + 120
+    step = 0
+    while time.time() < deadline and step < 8:
+        assert J.job_state(job.run_dir) != "done", "the job ended before it could be requeued"
+        try:
+            step = torch.load(job.run_dir / R.CHECKPOINT, weights_only=False)["step"]
+        except (OSError, RuntimeError, EOFError, KeyError):
+            pass
+        time.sleep(0.2)
+    assert 8 <= step < 24, step
+    subprocess.run(["scontrol", "requeue", slurm_id], check=True, capture_output=True, text=True)
+    # Slurm holds a requeued job back for 120 s (BeginTime); let it start as soon as it is pending again.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", slurm_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if "PENDING" in state:
+            subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"], check=True)
+            break
+        time.sleep(0.5)
+    assert wait_for([job], timeout=300) == ["done"]
+    log_text = open(J.read_json(job.run_dir / J.SUBMITTED)["log"]).read()
+    assert "resuming from step" in log_text, log_text[-3000:]
+
+    monkeypatch.setenv("SLOW_ERM_SLEEP", "0")  # the reference need not take its time
+    unbroken = run(job.cfg, tmp_path / "unbroken", progress=False)
+    assert acc_rows(job.run_dir) == acc_rows(unbroken)
+    a = torch.load(job.run_dir / R.FINAL)["method"]
+    b = torch.load(unbroken / R.FINAL)["method"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

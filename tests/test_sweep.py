@@ -1,0 +1,328 @@
+"""Sweeps: expansion, hyperparameter draws, job ids, validation, job states, and the debug/local launchers."""
+import json
+import os
+import time
+
+import pytest
+import yaml
+
+from bench import config as C
+from bench import jobs as J
+from bench import results as R
+from bench import sweep as S
+from bench.cli import main
+from bench.train import prepare
+
+TINY_TRAIN = {"steps": 6, "batch_size": 12, "lr": 1e-3, "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 2,
+              "eval_batch_size": 64}
+
+
+def sweep_yaml(tmp_path, root, name="s", train=None, **top):
+    """A sweep file over the tiny random-init CLIP of conftest (jobs take a few seconds)."""
+    d = {"name": name, "output": str(tmp_path / "runs"),
+         "base": {"model": {"name": "TinyCLIP-32", "pretrained": str(root / "tiny.pt")}, "data": {"root": str(root)},
+                  "train": {**TINY_TRAIN, **(train or {})}},
+         "methods": ["zeroshot", "erm"], "datasets": ["embedded"], "test_domains": [["sketch"]], "trial_seeds": [0],
+         "launcher": {"kind": "debug", "heartbeat_s": 1}}
+    d.update(top)
+    path = tmp_path / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+SLOW_PLUGIN = """
+import os
+import time
+from bench.method import register_method
+from methods.erm import ERM
+
+@register_method("slow_erm")
+class SlowERM(ERM):
+    '''ERM that takes its time, so that a test can stop it half-way.'''
+    def loss(self, batch):
+        time.sleep(float(os.environ.get('SLOW_ERM_SLEEP', '0.2')))
+        return super().loss(batch)
+"""
+
+
+@pytest.fixture
+def one_thread():
+    """Jobs run with 1 torch thread here; a reference run in this process must too (float sums depend on it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def slow_plugin(tmp_path_factory):
+    """One file for the whole session (whichever module asks): a method name registers once per process."""
+    path = tmp_path_factory.getbasetemp() / "slow_erm_plugin" / "slow_erm.py"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(SLOW_PLUGIN)
+    return path
+
+
+def acc_rows(run_dir):
+    return [(r["step"], r["role"], r["domain"], r["value"]) for r in R.read_rows(run_dir / R.RESULTS)
+            if r["metric"] == "acc"]
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- job identity ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("d, job_id", [
+    ({}, "c79a0f8b3a33"),
+    ({"method": "zeroshot"}, "b66ee20833a2"),
+    ({"data": {"dataset": "pacs", "test_domains": ["sketch"]}, "train": {"lr": 3e-5}, "trial_seed": 2}, "b806041c7524"),
+    ({"hparams": {"label_smoothing": 0.1}, "model": {"name": "ViT-B-16", "pretrained": "openai"},
+      "data": {"dataset": "domainnet", "test_domains": ["clipart", "real"]}}, "8c90b53073d2"),
+    # where and how a job runs is not what it computes:
+    ({"data": {"root": "/elsewhere"}, "train": {"device": "cpu", "num_workers": 3}}, "c79a0f8b3a33"),
+])
+def test_pinned_job_ids(d, job_id):
+    """Job ids name folders of finished results: they must never change by accident. If a change to what a job
+    computes is deliberate, bump config.PROTOCOL_VERSION and update these pins."""
+    assert prepare(C.from_dict(C.RunConfig, d)).job_id == job_id
+
+
+def test_sweep_ids_are_prepare_ids_and_survive_config_json(embedded_root, tmp_path):
+    sw = S.load_sweep(sweep_yaml(tmp_path, embedded_root, search={"n_draws": 2, "space": {"train.lr": [
+        "log10_uniform", -4, -2]}}))
+    jobs = S.expand(sw, "s")
+    assert len(jobs) == 3  # zeroshot: one draw; erm: two
+    for job in jobs:
+        assert job.job_id == prepare(job.cfg).job_id
+        again = C.from_dict(C.RunConfig, json.loads(json.dumps(job.record))["config"])
+        assert prepare(again).job_id == job.job_id
+        assert job.run_dir == (tmp_path / "runs" / job.job_id)
+        # The launcher's settings are not part of a job's identity.
+    sw2 = S.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", search={"n_draws": 2, "space": {"train.lr": [
+        "log10_uniform", -4, -2]}}, launcher={"kind": "slurm", "slurm": {"gpus": 4}}))
+    assert [j.job_id for j in S.expand(sw2, "s2")] == [j.job_id for j in jobs]
+
+
+# ---- expansion and draws ------------------------------------------------------------------------
+def test_draws_depend_on_the_draw_and_the_name_only(embedded_root, tmp_path):
+    space = {"train.lr": ["log10_uniform", -5, -3.5], "train.weight_decay": ["choice", [0.0, 0.01, 0.1]]}
+    sw = S.load_sweep(sweep_yaml(tmp_path, embedded_root, methods=["erm"], test_domains="all", trial_seeds=[0, 1],
+                                 search={"n_draws": 4, "draw_0": "defaults", "space": space}))
+    jobs = S.expand(sw, "s")
+    assert len(jobs) == 4 * 4 * 2
+    by_draw = {}
+    for j in jobs:
+        by_draw.setdefault(j.draw, set()).add((j.cfg.train.lr, j.cfg.train.weight_decay))
+    assert all(len(v) == 1 for v in by_draw.values())  # same across trial seeds and held-out domains
+    assert by_draw[0] == {(1e-3, 0.1)}  # draw 0: the configured values, explicitly
+    lrs = [next(iter(by_draw[d]))[0] for d in (1, 2, 3)]
+    assert len(set(lrs)) == 3 and all(1e-5 <= lr <= 10 ** -3.5 for lr in lrs)
+    assert lrs == [S.draw_value(space["train.lr"], d, "train.lr") for d in (1, 2, 3)]
+    # Adding a hyperparameter to the space never changes the draws of the others.
+    sw2 = S.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", methods=["erm"], search={
+        "n_draws": 4, "draw_0": "random", "space": {**space, "train.warmup_steps": ["int_uniform", 0, 5]}}))
+    lrs2 = {j.draw: j.cfg.train.lr for j in S.expand(sw2, "s2")}
+    assert [lrs2[d] for d in (1, 2, 3)] == lrs and lrs2[0] == S.draw_value(space["train.lr"], 0, "train.lr")
+
+
+def test_method_spaces_overrides_pairs_and_dedup(embedded_root, tmp_path):
+    plugin = tmp_path / "toy.py"
+    plugin.write_text(
+        "from dataclasses import dataclass\n"
+        "import torch.nn.functional as F\n"
+        "from bench.method import Method, register_method\n"
+        "@register_method('toy_sweep')\n"
+        "class Toy(Method):\n"
+        "    @dataclass(frozen=True)\n"
+        "    class Hparams:\n"
+        "        lam: float = 1.0\n"
+        "        SEARCH = {'lam': ('choice', [0.5, 2.0])}\n"
+        "    def __init__(self, clip, task, hparams):\n"
+        "        super().__init__(clip, task, hparams)\n"
+        "        self.train_only(self.model.visual)\n"
+        "    def loss(self, batch):\n"
+        "        return self.hparams.lam * F.cross_entropy(self.predict(batch['images']), batch['labels'])\n")
+    sw = S.load_sweep(sweep_yaml(
+        tmp_path, embedded_root, methods=["zeroshot", "toy_sweep", "erm"], plugins=[str(plugin)],
+        test_domains="all", test_domain_pairs=True, search={"n_draws": 6, "draw_0": "random"},
+        overrides={"datasets": {"embedded": {"train": {"steps": 4, "eval_every": 2}}},
+                   "methods": {"erm": {"train": {"steps": 8}, "search": {"space": {
+                       "hparams.label_smoothing": ["uniform", 0, 0.2]}}}}}))
+    jobs = S.expand(sw, "s")
+    sets = {j.cfg.data.test_domains for j in jobs}
+    assert len(sets) == 4 + 6 and ("photo", "sketch") in sets
+    toy = [j for j in jobs if j.cfg.method == "toy_sweep"]
+    assert {j.cfg.hparams["lam"] for j in toy} == {0.5, 2.0}
+    assert len(toy) == 10 * 2  # six draws of a two-value choice: duplicates are one job
+    assert {j.cfg.train.steps for j in toy} == {4}  # the dataset override
+    erm = [j for j in jobs if j.cfg.method == "erm"]
+    assert len(erm) == 10 * 6 and {j.cfg.train.steps for j in erm} == {8}  # the method override wins
+    assert len([j for j in jobs if j.cfg.method == "zeroshot"]) == 10  # trains nothing: one draw
+    assert len({j.job_id for j in jobs}) == len(jobs)
+    only = S.select(jobs, ["method=erm,toy_sweep", "test_domains=photo+sketch", "draw=1"], "s")
+    assert {(j.cfg.method, j.draw) for j in only} == {("erm", 1), ("toy_sweep", 1)}
+
+
+# ---- bad input: one line naming the file, the key and the fix; nothing written or removed --------------------
+BAD = [
+    ({"raw": "methods: [erm\n"}, "malformed YAML"),
+    ({"methods": ["ermm"]}, "methods: unknown method 'ermm': did you mean 'erm'"),
+    ({"trial_seedz": [0]}, "unknown key 'trial_seedz': did you mean 'trial_seeds'? valid keys: name, output"),
+    ({"train": {"stepz": 3}}, "unknown key 'base.train.stepz': did you mean 'base.train.steps'?"),
+    ({"datasets": ["pacs"], "test_domains": "all"}, "data folder"),
+    ({"test_domains": [["clipart"]]}, "test_domains: 'clipart' is not a domain of embedded"),
+    ({"search": {"n_draws": 2, "space": {"train.lrr": ["log10_uniform", -5, -3]}}},
+     "search.space.train.lrr: unknown run-config key 'train.lrr': did you mean 'train.lr'?"),
+    ({"search": {"n_draws": 2, "space": {"train.lr": ["loguniform", -5, -3]}}}, "is not a search space; use one of"),
+    ({"launcher": {"kind": "slurmm"}}, "launcher.kind: 'slurmm' is not one of debug, local, slurm"),
+    ({"overrides": {"methods": {"flyp": {"train": {"lr": 1e-5}}}}}, "overrides.methods.flyp: 'flyp' is not in methods"),
+    ({"only": "method=car_ft"}, "--only method=car_ft: no job of"),
+]
+
+
+@pytest.mark.parametrize("bad, pattern", BAD, ids=[p for _, p in BAD])
+def test_bad_sweep_one_line_and_nothing_touched(embedded_root, tmp_path, capsys, bad, pattern):
+    runs = tmp_path / "runs"
+    existing = runs / "0123456789ab"
+    existing.mkdir(parents=True)
+    (existing / R.CONFIG).write_text('{"job_id": "0123456789ab"}')
+    (existing / J.HEARTBEAT).write_text("{}")
+    before = snapshot(runs)
+    bad = dict(bad)
+    only = bad.pop("only", None)
+    raw = bad.pop("raw", None)
+    train = bad.pop("train", None)
+    path = sweep_yaml(tmp_path, embedded_root, train=train, **bad)
+    if raw:
+        path.write_text(raw)
+    for argv in (["sweep", str(path)], ["sweep", str(path), "--dry-run"], ["status", str(path)]):
+        code = main(argv + (["--only", only] if only else []))
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert pattern in lines[0] and (str(path) in lines[0] or "--only" in lines[0]), lines[0]
+    assert snapshot(runs) == before
+
+
+# ---- job states -------------------------------------------------------------------------------------
+def test_job_states_from_files_alone(tmp_path):
+    d = tmp_path / "job"
+    assert J.job_state(d) == "missing"
+    d.mkdir()
+    assert J.job_state(d) == "missing"
+    J.mark_submitted(d, "local", **J.this_process())
+    assert J.job_state(d) == "submitted"
+    J.mark_submitted(d, "local", host=J._HOST, pid=2**22 + 7, start="1")  # its sweep is gone: it never starts
+    assert J.job_state(d) == "stale"
+    J.mark_submitted(d, "slurm", slurm_job_id="12_3")
+    assert J.job_state(d) == "submitted"
+    beat = J.Heartbeat(d, every=0.05).start()
+    assert J.job_state(d) == "running"
+    time.sleep(0.3)
+    assert time.time() - (d / J.HEARTBEAT).stat().st_mtime < 0.2  # touched while the job runs
+    beat.stop()
+    old = time.time() - 400
+    os.utime(d / J.HEARTBEAT, (old, old))
+    assert J.job_state(d) == "stale" and J.job_state(d, stale_after=1000) == "running"
+    # A process of this host that is gone is stale at once, whatever the heartbeat's age.
+    (d / J.HEARTBEAT).write_text(json.dumps({"host": J._HOST, "pid": 2**22 + 7, "start": "1"}))
+    assert J.job_state(d) == "stale"
+    (d / J.FAILED).write_text("Traceback ...")
+    assert J.job_state(d) == "failed"
+    J.mark_submitted(d, "local")  # a relaunch clears the last attempt's failure and heartbeat
+    assert J.job_state(d) == "submitted" and not (d / J.FAILED).exists()
+    (d / R.DONE).write_text("")
+    assert J.job_state(d) == "done"
+    assert J.states([d, tmp_path / "nope"]) == ["done", "missing"]
+    assert (J.DONE, J.CONFIG) == (R.DONE, R.CONFIG)
+
+
+def test_job_states_import_no_torch():
+    """The collector calls job_state to explain empty cells; it must not pay for importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, bench.jobs; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_failing_job_writes_its_traceback(embedded_root, tmp_path):
+    d = tmp_path / "job"
+    d.mkdir()
+    (d / R.CONFIG).write_text(json.dumps({"job_id": "x", "config": {"method": "erm", "train": {"lr": "oops"}}}))
+    with pytest.raises(Exception):
+        J.JobTask()(str(d))
+    assert J.job_state(d) == "failed" and "train.lr" in (d / J.FAILED).read_text()
+
+
+# ---- launchers --------------------------------------------------------------------------------------
+def test_debug_sweep_runs_what_is_missing_only(embedded_root, tmp_path, capsys):
+    path = sweep_yaml(tmp_path, embedded_root)
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "missing 2" in err and "to launch: 2" in err and not (tmp_path / "runs").exists()
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    jobs = S.expand(S.load_sweep(path), str(path))
+    assert [J.job_state(j.run_dir) for j in jobs] == ["done", "done"]
+    record = json.loads((jobs[1].run_dir / R.CONFIG).read_text())
+    assert record["sweep"] == {"name": "s", "draw": 0} and record["job_id"] == jobs[1].job_id
+    assert json.loads((jobs[1].run_dir / J.SUBMITTED).read_text())["launcher"] == "debug"
+    stamps = {j.job_id: (j.run_dir / R.DONE).stat().st_mtime_ns for j in jobs}
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--no-progress"]) == 0  # again: nothing to launch
+    assert "to launch: 0" in capsys.readouterr().err
+    assert {j.job_id: (j.run_dir / R.DONE).stat().st_mtime_ns for j in jobs} == stamps
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "done 2" in out and "compute to launch (debug): 0 jobs" in out
+    # A failed job is relaunched by --retry only.
+    (jobs[1].run_dir / R.DONE).unlink()
+    (jobs[1].run_dir / J.FAILED).write_text("Traceback\nRuntimeError: boom\n")
+    main(["status", str(path)])
+    out = capsys.readouterr().out
+    assert "failed 1" in out and "add --retry" in out and "RuntimeError: boom" in out
+    assert main(["sweep", str(path), "--retry", "--no-progress", "--only", "method=erm"]) == 0
+    assert J.job_state(jobs[1].run_dir) == "done"
+
+
+def test_local_sweep_equals_in_process_runs(embedded_root, tmp_path, one_thread):
+    path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], test_domains=[["sketch"], ["photo"]],
+                      launcher={"kind": "local", "heartbeat_s": 1, "local": {"workers": 2, "threads": 1}})
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    from bench.train import run
+
+    for job in S.expand(S.load_sweep(path), str(path)):
+        assert J.job_state(job.run_dir) == "done"
+        assert json.loads((job.run_dir / J.SUBMITTED).read_text())["launcher"] == "local"
+        ref = run(job.cfg, tmp_path / "ref" / job.job_id, progress=False)
+        assert acc_rows(job.run_dir) == acc_rows(ref)
+
+
+# ---- the shipped sweep files ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["quickstart", "domainbed", "imagenet"])
+def test_shipped_sweeps_expand(name):
+    """Every job of the shipped sweeps validates (their data need not be here for that)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "sweeps" / f"{name}.yaml"
+    if not path.is_file():
+        pytest.skip(f"{path} is not shipped")
+    sw = S.load_sweep(path)
+    jobs = S.expand(sw, str(path), check_data=False)
+    per_method = {m: sum(j.cfg.method == m for j in jobs) for m in sw.methods}
+    if name == "domainbed":  # DomainBed's protocol: 22 held-out domains x 20 draws x 3 trials, 5,000 steps
+        assert sw.search.n_draws == 20 and sw.trial_seeds == (0, 1, 2) and sw.search.draw_0 == "defaults"
+        assert {m: n for m, n in per_method.items() if m != "zeroshot"} == {
+            m: 22 * 20 * 3 for m in sw.methods if m != "zeroshot"}
+        assert {j.cfg.train.steps for j in jobs} == {5000}
+        assert {(j.cfg.model.name, j.cfg.model.pretrained) for j in jobs} == {("ViT-B-16", "openai")}
+    if name == "quickstart":
+        assert sw.output == "runs/quickstart" and {j.cfg.data.dataset for j in jobs} == {"embedded"}
+    if "zeroshot" in per_method:
+        assert per_method["zeroshot"] == len({(j.cfg.data.dataset, j.cfg.data.test_domains) for j in jobs}) * len(
+            sw.trial_seeds)
