@@ -1,0 +1,120 @@
+"""ID-vs-OOD scatter: one panel per dataset; each method (mean ± standard error over trial seeds, after model
+selection), the zero-shot model, and WiSE-FT curves over alpha (the variants wise:<alpha> of a method). A dataset
+with unseen classes gets a second panel beside it, ID vs unseen-class zero-shot accuracy (what fine-tuning forgets).
+
+    paths = plot(load("runs/quickstart"), "runs/quickstart/id_vs_ood")   # -> [...png, ...pdf]
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from bench import collect as K
+
+WISE = re.compile(r"^wise:([0-9.]+)$")
+
+
+def points(coll: K.Collection, selection: str = "train_val", datasets: list[str] | None = None) -> pd.DataFrame:
+    """Per (dataset, row label): id, ood_avg and zs_avg means and standard errors (fractions; zs NaN where the
+    dataset has no unseen classes), trial seeds used."""
+    u = K.units(coll)
+    values = K.chosen_values(coll, K.select(coll, selection, u), u)
+    out = []
+    for ds in coll.datasets:
+        if datasets and ds not in datasets:
+            continue
+        ids, _ = K.per_seed(coll, values, "id", ds)
+        oods, _ = K.per_seed(coll, values, "ood_avg", ds)
+        zss, _ = K.per_seed(coll, values, "zs_avg", ds)
+        both = ids.merge(oods, on=["label", "trial_seed"], suffixes=("_id", "_ood"))
+        both = both.merge(zss.rename(columns={"value": "value_zs"}), on=["label", "trial_seed"], how="left")
+        for label, g in both.groupby("label"):
+            (x, xe, n), (y, ye, _) = K.mean_se(g["value_id"]), K.mean_se(g["value_ood"])
+            z, ze, _ = K.mean_se(g["value_zs"])
+            method, _, variant = label.partition("+")
+            m = WISE.match(variant)
+            out.append({"dataset": ds, "label": label, "method": method, "variant": variant,
+                        "alpha": float(m.group(1)) if m else math.nan, "id": x, "id_se": xe,
+                        "ood": y, "ood_se": ye, "zs": z, "zs_se": ze, "n": n})
+    return pd.DataFrame(out, columns=["dataset", "label", "method", "variant", "alpha", "id", "id_se", "ood",
+                                      "ood_se", "zs", "zs_se", "n"])
+
+
+def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
+         datasets: list[str] | None = None) -> list[Path]:
+    """Writes <out>.png and <out>.pdf; returns their paths."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    pts = points(coll, selection, datasets)
+    if not len(pts):
+        raise K.BenchError(f"{coll.root}: no finished run has both ID and OOD results under --selection "
+                           f"{selection}; see `bench table --selection {selection}` for why")
+    dss = list(dict.fromkeys(pts["dataset"]))
+    # a panel per (dataset, y): OOD always, zero-shot on unseen classes where the dataset has them
+    panels = [(ds, y) for ds in dss for y in ("ood", "zs") if y == "ood" or pts.loc[pts["dataset"] == ds, "zs"].notna().any()]
+    ncol = min(len(panels), 4 if len(panels) > len(dss) else 3)  # a dataset's two panels side by side
+    nrow = math.ceil(len(panels) / ncol)
+    fig = Figure(figsize=(5.2 * ncol + 0.6, 4.4 * nrow + 0.9), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    methods = [m for m in dict.fromkeys(sorted(pts["method"], key=lambda m: ({"zeroshot": 0, "erm": 1}.get(m, 2), m)))
+               if m != "zeroshot"]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    handles: dict[str, object] = {}
+    ylabel = {"ood": "OOD accuracy (%), mean of held-out domains",
+              "zs": "zero-shot accuracy (%), unseen classes"}
+    for ax, (ds, y) in zip(axes, panels):
+        p = pts[(pts["dataset"] == ds) & pts[y].notna()]
+        ye = f"{y}_se"
+        for method in methods:
+            curve = p[(p["method"] == method) & p["alpha"].notna()].sort_values("alpha")
+            if len(curve) >= 2:
+                ax.plot(100 * curve["id"], 100 * curve[y], "-", color=color[method], alpha=0.55, lw=1.8, zorder=2,
+                        marker="o", ms=3.5, mfc="white")
+                handles.setdefault(f"{method}+wise", Line2D(
+                    [], [], color=color[method], alpha=0.55, lw=1.8, marker="o", ms=3.5, mfc="white",
+                    label=f"{method} + WiSE-FT, α 0 → 1"))
+                for _, r in curve.iterrows():
+                    if r["alpha"] in (0.0, 0.5, 1.0):
+                        ax.annotate(f"α={r['alpha']:g}", (100 * r["id"], 100 * r[y]), textcoords="offset points",
+                                    xytext=(4, -11), fontsize=7.5, color=color[method])
+            others = p[(p["method"] == method) & p["alpha"].isna()]
+            for _, r in others.iterrows():
+                marker = "o" if not r["variant"] else "D"
+                ax.errorbar(100 * r["id"], 100 * r[y], xerr=100 * r["id_se"], yerr=100 * r[ye],
+                            fmt=marker, color=color[method], ms=7, capsize=2.5, zorder=4, mec="black", mew=0.6)
+                handles.setdefault(r["label"], Line2D([], [], ls="", marker=marker, color=color[method], ms=7,
+                                                      mec="black", mew=0.6, label=r["label"]))
+        zs = p[p["method"] == "zeroshot"]
+        if not len(zs):  # WiSE-FT at alpha 0 is the zero-shot model
+            zs = p[p["alpha"] == 0.0].head(1)
+        for _, r in zs.iterrows():
+            ax.errorbar(100 * r["id"], 100 * r[y], xerr=100 * r["id_se"], yerr=100 * r[ye], fmt="*",
+                        color="black", ms=13, capsize=2.5, zorder=5)
+            handles.setdefault("zeroshot", Line2D([], [], ls="", marker="*", color="black", ms=13, label="zero-shot"))
+        lo, hi = int(p["n"].min()), int(p["n"].max())
+        seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        ax.set_title(f"{ds}: ID vs {'OOD' if y == 'ood' else 'zero-shot'} ({seeds} trial seed{'s' if hi != 1 else ''})",
+                     fontsize=11)
+        ax.set_xlabel("ID accuracy (%)")
+        ax.set_ylabel(ylabel[y])
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.12)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    order = ["zeroshot"] + [k for k in handles if k != "zeroshot"]
+    shown = [handles[k] for k in order if k in handles]
+    fig.legend(handles=shown, loc="outside lower center", ncol=min(len(shown), 2 if ncol == 1 else 4), fontsize=9,
+               frameon=False)
+    rule = K.SELECTIONS[selection].split(" (")[0]
+    fig.suptitle(f"Selection: {rule}; mean ± standard error over trial seeds", fontsize=10.5)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_name(out.name + ".png"), out.with_name(out.name + ".pdf")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths

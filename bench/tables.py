@@ -1,0 +1,487 @@
+"""Tables from collected runs: cells (mean ± standard error over trial seeds), notes that say why a cell is
+empty or partial, and four formats: markdown, latex (booktabs), csv (tidy, one line per cell), json.
+
+    report = build(load("runs/quickstart"), metric="ood_avg", selection="train_val", cost=True)
+    print(render(report, "markdown"))
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from bench import collect as K
+
+FORMATS = ("markdown", "latex", "csv", "json")
+MAX_LISTED = 6  # jobs or groups named in one note before "and N more"
+
+COST_COLUMNS = {  # key -> (header, unit, digits)
+    "cost:step_time": ("step time (s)", "mean seconds per training step", 3),
+    "cost:peak_mem": ("peak mem (MB)", "largest peak memory of a job", 0),
+    "cost:compute": ("compute (h)", "training time of all the row's jobs, summed", 2),
+}
+
+
+@dataclass
+class Cell:
+    mean: float | None = None  # a fraction for accuracies, the value itself for costs
+    se: float | None = None
+    n: int = 0  # trial seeds (accuracies) or jobs (costs)
+    notes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    title: str | None
+    columns: list[str]  # keys: a dataset, ood:<domain>, a metric name, Avg, cost:*
+    headers: dict[str, str]
+    rows: list[str]
+    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    metric: str
+    selection: str
+    sections: list[Section]
+    notes: list[str]  # note i is notes[i - 1]; cells refer to them by number
+    footer: list[str]  # printed last: job counts, duplicates, corrupt lines, folders that are no job
+    header_lines: list[str]  # printed first under the table: the metric and the selection rule
+
+
+class _Notes:
+    def __init__(self):
+        self.texts: list[str] = []
+        self.index: dict[str, int] = {}
+
+    def add(self, text: str) -> int:
+        if text not in self.index:
+            self.texts.append(text)
+            self.index[text] = len(self.texts)
+        return self.index[text]
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:MAX_LISTED]
+    more = f"; and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return "; ".join(shown) + more
+
+
+def _row_key(label: str):
+    method, _, variant = label.partition("+")
+    head = {"zeroshot": 0, "erm": 1}.get(method, 2)
+    parts = []
+    for p in re.split(r"[:=]", variant):
+        try:
+            parts.append((0, float(p), ""))
+        except ValueError:
+            parts.append((1, 0.0, p))
+    return head, method, bool(variant), parts
+
+
+class _Explainer:
+    """Why a (row, dataset) cell is missing trial seeds, and which of its jobs are not done."""
+
+    def __init__(self, coll: K.Collection, u: K.Units, chosen: pd.DataFrame, rule: str):
+        self.coll, self.u, self.rule = coll, u, rule
+        self.jobs_at: dict[tuple, list[tuple[str, str]]] = {}
+        for m, ds, t, s, j, st in coll.jobs[["method", "dataset", "test_set", "trial_seed", "job_id",
+                                             "state"]].itertuples(index=False):
+            self.jobs_at.setdefault((m, ds, t, int(s)), []).append((j, st))
+        groups = lambda f: set(zip(f["label"], f["dataset"], f["test_set"], f["trial_seed"].astype(int)))
+        self.units_at = groups(u.table)
+        self.labels_at = set(zip(u.table["label"], u.table["dataset"]))
+        self.have = groups(chosen)
+        self.not_done: dict[tuple, list[tuple[str, str, str]]] = {}
+        for m, ds, t, j, st in coll.jobs.loc[coll.jobs["state"] != "done", ["method", "dataset", "test_set", "job_id",
+                                                                             "state"]].itertuples(index=False):
+            self.not_done.setdefault((m, ds), []).append((t, j, st))
+
+    def _matters(self, test_set: str, needed_sets: list[str]) -> bool:
+        """Whether a job holding out test_set can change a cell that needs needed_sets under this rule."""
+        if test_set in needed_sets:
+            return True
+        held = set(test_set.split("+"))
+        return self.rule == "lodo" and any(len(held) == len(n.split("+")) + 1 and set(n.split("+")) < held
+                                           for n in needed_sets)
+
+    def rule_reason(self, ds: str) -> str | None:
+        """Why the selection rule cannot work on a dataset at all."""
+        coll = self.coll
+        if self.rule == "lodo" and not (~coll.jobs.loc[coll.jobs["dataset"] == ds, "primary"].astype(bool)).any():
+            return (f"{ds}: no runs hold out one domain more than the table's held-out sets (DomainBed's pair "
+                    f"runs), so leave-one-domain-out selection cannot be made; use --selection train_val.")
+        if self.rule == "oracle":
+            units = self.u.table.loc[self.u.table["dataset"] == ds, "unit"]
+            if len(units) and self.u.steps.loc[self.u.steps["unit"].isin(units), "ood_val"].isna().all():
+                return (f"{ds}: no ood_val rows (a held-out split of the test domains), so the oracle rule cannot "
+                        f"be applied; use --selection train_val.")
+        return None
+
+    def _where(self, ds: str, test_set: str, seed: int) -> str:
+        if len(self.coll.primary_sets.get(ds, ())) == 1:
+            return f"trial seed {seed}"
+        return f"held out {test_set.replace('+', ', ')}, trial seed {seed}"
+
+    @staticmethod
+    def _jobs(jobs) -> str:
+        return ", ".join(f"job {j} {st}" for j, st in jobs)
+
+    def reason(self, label: str, ds: str, test_set: str, seed: int) -> tuple[str, str, set[str]]:
+        """(kind, detail, job ids named) for one (held-out set, trial seed) without a chosen run."""
+        method, _, variant = label.partition("+")
+        where = self._where(ds, test_set, seed)
+        jobs = self.jobs_at.get((method, ds, test_set, seed), [])
+        named = {j for j, _ in jobs}
+        if not jobs:
+            return "no job folder", where, named
+        done = [j for j, st in jobs if st == "done"]
+        if not done:
+            return "no finished run", f"{where}: {self._jobs(jobs)}", named
+        ids = ", ".join(done)
+        if (label, ds, test_set, seed) not in self.units_at:
+            return (f"no {variant!r} rows in the finished runs" if variant else "no accuracy rows in the finished runs",
+                    f"{where}: {ids}", named)
+        if self.rule == "train_val":
+            return "no id_val rows", f"{where}: {ids}", named
+        if self.rule == "oracle":
+            return "no ood_val rows at the last step", f"{where}: {ids}", named
+        missing, no_variant = [], []
+        for v in K.train_domains(self.coll, ds, test_set):
+            t = K.set_key(test_set.split("+") + [v])
+            aux = self.jobs_at.get((method, ds, t, seed), [])
+            named |= {j for j, _ in aux}
+            if not any(st == "done" for _, st in aux):
+                missing.append(f"{t} ({self._jobs(aux) or 'no job folder'})")
+            elif (label, ds, t, seed) not in self.units_at:
+                no_variant.append(t)
+        if missing:
+            return ("leave-one-domain-out needs a finished run holding out each training domain too",
+                    f"{where}: missing {'; '.join(missing)}", named)
+        if no_variant:
+            return (f"leave-one-domain-out needs {variant!r} rows in the runs holding out one more domain too "
+                    f"(bench wise them)", f"{where}: none in {', '.join(no_variant)}", named)
+        return ("no step and hyperparameters with results in the runs holding out one more domain"
+                + (f" ({variant} rows)" if variant else ""), where, named)
+
+    def cell_note(self, label: str, ds: str, needed_sets: list[str], n_seeds: int,
+                  gaps: pd.DataFrame | None = None) -> str | None:
+        method, _, variant = label.partition("+")
+        seeds = self.coll.seeds.get(ds, [])
+        done_jobs = any(st == "done" for (m, d, _, _), js in self.jobs_at.items() if m == method and d == ds
+                        for _, st in js)
+        by_kind: dict[str, list[str]] = {}
+        named: set[str] = set()
+        if variant and done_jobs and (label, ds) not in self.labels_at:
+            by_kind[f"no {variant!r} rows in any finished {method} run on {ds}"] = []
+        else:
+            for s in seeds:
+                for t in needed_sets:
+                    if (label, ds, t, s) not in self.have:
+                        kind, detail, jobs = self.reason(label, ds, t, s)
+                        by_kind.setdefault(kind, []).append(detail)
+                        named |= jobs
+        if gaps is not None and len(gaps):
+            for (s, t, j), g in gaps.groupby(["trial_seed", "test_set", "job_id"], sort=True):
+                lacking = ", ".join(k.split(":", 1)[-1] for k in g["key"])
+                where = self._where(ds, t, int(s))
+                by_kind.setdefault("a selected run lacks results", []).append(
+                    f"{where}: job {j} lacks {lacking}")
+        others = [(j, st) for t, j, st in self.not_done.get((method, ds), [])
+                  if j not in named and self._matters(t, needed_sets)]
+        if not by_kind and not others:
+            return None
+        parts = [f"{kind} ({_listing(details)})" if details else kind for kind, details in by_kind.items()]
+        if others:
+            parts.append("not done, so not counted: " + _listing([f"job {j} {st}" for j, st in others]))
+        if by_kind and seeds:
+            parts.append(f"{n_seeds} of {len(seeds)} trial seeds complete")
+        return f"{method} on {ds}: " + "; ".join(parts) + "."
+
+
+def _empty_reason(coll: K.Collection, metric: str, ds: str, values: pd.DataFrame, expl: _Explainer) -> str | None:
+    """Why a metric has no value on a dataset for any row, when the cause is the dataset or the rule."""
+    if metric.startswith("ood:") and not K._metric_domains(coll, metric, ds):
+        return f"{ds} has no held-out domain {metric[4:]}."
+    if metric in K.SUITE_AVERAGES and not K._metric_domains(coll, metric, ds):
+        return f"{metric} is defined for ImageNet-style shift suites only; {ds} is not one."
+    if metric == "id_test":
+        v = values[(values["dataset"] == ds) & (values["key"] == "id_test")]["value"]
+        if len(v) and v.isna().all():
+            return f"{ds} has no id_test rows (an ID test set such as ImageNet val: protocol shift cards only)."
+    rule = expl.rule_reason(ds)
+    if rule:
+        return rule
+    if metric == "zs_avg":
+        v = values[(values["dataset"] == ds) & (values["key"] == "zs_avg")]["value"]
+        if len(v) and v.isna().all():
+            return f"{ds} has no zero-shot rows (no unseen classes in its card)."
+    if metric in K.SUITE_AVERAGES:
+        have = {k[4:] for k in values.loc[values["dataset"] == ds, "key"] if k.startswith("ood:")}
+        lacking = [d for d in K._metric_domains(coll, metric, ds) if d not in have]
+        if lacking:
+            return f"{metric} on {ds} needs results on {', '.join(lacking)}."
+    return None
+
+
+def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_val", cost: bool = False,
+          datasets: list[str] | None = None, rows: list[str] | None = None) -> Report:
+    metrics = K.check_metric(metric)
+    K.check_selection(selection)
+    u = K.units(coll)
+    chosen = K.select(coll, selection, u)
+    values = K.chosen_values(coll, chosen, u)
+    expl = _Explainer(coll, u, chosen, selection)
+    notes = _Notes()
+    all_ds = [d for d in coll.datasets if not datasets or d in datasets]
+    labels = (set(u.table.loc[u.table["dataset"].isin(all_ds), "label"])
+              | set(coll.jobs.loc[coll.jobs["dataset"].isin(all_ds), "method"]))
+    labels = sorted((lab for lab in labels if not rows or any(fnmatch.fnmatchcase(lab, p) for p in rows)),
+                    key=_row_key)
+    costs = K.job_costs(coll) if cost else None
+
+    def fill(section: Section, col: str, ds: str, m: str) -> None:
+        ps, gaps = K.per_seed(coll, values, m, ds)
+        needed = sorted(set(K.required(coll, m, ds)["test_set"]))
+        empty = _empty_reason(coll, m, ds, values, expl)
+        for lab in section.rows:
+            mean, se, n = K.mean_se(ps.loc[ps["label"] == lab, "value"])
+            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n)
+            if n == 0 and empty:
+                cell.notes.append(notes.add(empty))
+            else:
+                text = expl.cell_note(lab, ds, needed, n, gaps[gaps["label"] == lab])
+                if text:
+                    cell.notes.append(notes.add(text))
+                elif n == 0:
+                    cell.notes.append(notes.add(f"{lab} on {ds}: no selected run for {m}."))
+            section.cells[(lab, col)] = cell
+
+    def average(section: Section, cols: list[str], key: str = "Avg") -> None:
+        live = [c for c in cols if any(section.cells[(lab, c)].mean is not None for lab in section.rows)]
+        for lab in section.rows:
+            means = [section.cells[(lab, c)].mean for c in live]
+            if live and all(m is not None for m in means):
+                section.cells[(lab, key)] = Cell(sum(means) / len(means), None, len(means))
+            else:
+                why = "Avg: no column has a value." if not live else "Avg is left empty while a cell of its row is."
+                section.cells[(lab, key)] = Cell(notes=[notes.add(why)])
+
+    def add_costs(section: Section, dss: list[str]) -> None:
+        for key, (header, _, _) in COST_COLUMNS.items():
+            section.columns.append(key)
+            section.headers[key] = header
+        for lab in section.rows:
+            method = lab.partition("+")[0]
+            c = costs[(costs["method"] == method) & costs["dataset"].isin(dss)]
+            trained = c[c["steps"] > 0]
+            steps, secs = trained["steps"].sum(), trained["seconds"].sum()
+            if not len(c):
+                note = [notes.add(f"{method}: no finished jobs, so no costs.")]
+                for key in COST_COLUMNS:
+                    section.cells[(lab, key)] = Cell(notes=note)
+                continue
+            section.cells[(lab, "cost:compute")] = Cell(secs / 3600, None, len(c))
+            if not len(trained):
+                note = [notes.add(f"{method}: its jobs train no steps (no step time or training memory).")]
+                section.cells[(lab, "cost:step_time")] = Cell(notes=note)
+                section.cells[(lab, "cost:peak_mem")] = Cell(notes=note)
+                continue
+            mem = trained["peak_mem_mb"].dropna()
+            section.cells[(lab, "cost:step_time")] = Cell(secs / steps, None, len(trained))
+            section.cells[(lab, "cost:peak_mem")] = Cell(float(mem.max()) if len(mem) else None, None, len(mem))
+
+    sections = []
+    if metric == "ood":
+        for ds in all_ds:
+            doms = [d for d in coll.domains.get(ds, []) if any(d in t.split("+") for t in coll.primary_sets[ds])]
+            sec = Section(ds, [], {}, labels)
+            for d in doms:
+                sec.columns.append(f"ood:{d}")
+                sec.headers[f"ood:{d}"] = d
+                fill(sec, f"ood:{d}", ds, f"ood:{d}")
+            sec.columns.append("ood_avg")
+            sec.headers["ood_avg"] = "Avg"
+            fill(sec, "ood_avg", ds, "ood_avg")
+            spec = coll.suite(ds)
+            for name, (head, _) in (spec["averages"].items() if spec else []):
+                sec.columns.append(name)
+                sec.headers[name] = head
+                fill(sec, name, ds, name)
+            if cost:
+                add_costs(sec, [ds])
+            sections.append(sec)
+    elif len(metrics) > 1:  # one column per (dataset, metric): ID / OOD / zero-shot side by side
+        sec = Section(None, [], {}, labels)
+        for ds in all_ds:
+            for m in metrics:
+                key = f"{m}@{ds}"
+                head = K.METRIC_HEADERS.get(m) or f"OOD {m[4:]}"
+                sec.columns.append(key)
+                sec.headers[key] = head if len(all_ds) == 1 else f"{ds} {head}"
+                fill(sec, key, ds, m)
+        if cost:
+            add_costs(sec, all_ds)
+        sections.append(sec)
+    else:
+        sec = Section(None, list(all_ds), {d: d for d in all_ds}, labels)
+        for ds in all_ds:
+            fill(sec, ds, ds, metric)
+        if len(all_ds) > 1:
+            sec.columns.append("Avg")
+            sec.headers["Avg"] = "Avg"
+            average(sec, all_ds)
+        if cost:
+            add_costs(sec, all_ds)
+        sections.append(sec)
+
+    described = "; ".join(f"{m}, {K.METRICS.get(m) or 'OOD accuracy on ' + m[4:]}" for m in metrics)
+    header = [f"Metric{'s' if len(metrics) > 1 else ''}: {described} (%); "
+              f"cells: mean ± standard error over trial seeds (std/sqrt(n), as DomainBed).",
+              f"Selection: {selection}, {K.SELECTIONS[selection]}."]
+    jobs = coll.jobs
+    footer = [f"{int((jobs['state'] == 'done').sum())} of {len(jobs)} jobs done under {coll.root}."]
+    if any(s.headers.get("Avg") for s in sections):
+        footer.append("Avg: the mean of the row's cells.")
+    if cost:
+        footer.append("Costs over the row's finished jobs: " + "; ".join(
+            f"{h}: {desc}" for h, desc, _ in COST_COLUMNS.values()) + ".")
+    if coll.duplicates:
+        footer.append(f"{coll.duplicates} repeated result rows (requeued jobs) counted once.")
+    if coll.skipped_lines:
+        footer.append(f"{len(coll.skipped_lines)} corrupt results lines skipped: {_listing(coll.skipped_lines)}.")
+    footer += coll.problems
+    return Report(metric, selection, sections, notes.texts, footer, header)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+def _acc_text(cell: Cell, plus: str = " ± ") -> str:
+    return f"{100 * cell.mean:.1f}{plus}{100 * cell.se:.1f}" if cell.se is not None else f"{100 * cell.mean:.1f}"
+
+
+def cell_text(col: str, cell: Cell, plus: str = " ± ", dash: str = "—") -> str:
+    if cell.mean is None:
+        return dash
+    if col in COST_COLUMNS:
+        return f"{cell.mean:.{COST_COLUMNS[col][2]}f}"
+    return _acc_text(cell, plus)
+
+
+def markdown(report: Report) -> str:
+    out = []
+    for sec in report.sections:
+        if sec.title:
+            out.append(f"### {sec.title}\n")
+        head = ["method"] + [sec.headers[c] for c in sec.columns]
+        body = []
+        for lab in sec.rows:
+            line = [lab]
+            for c in sec.columns:
+                cell = sec.cells[(lab, c)]
+                marks = "".join(f" [{i}]" for i in cell.notes)
+                line.append(cell_text(c, cell) + marks)
+            body.append(line)
+        widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+        right = [False] + [True] * len(sec.columns)
+        fmt = lambda r: "| " + " | ".join(x.rjust(w) if rj else x.ljust(w) for x, w, rj in zip(r, widths, right)) + " |"
+        out.append(fmt(head))
+        rule = [("-" * (w + 1) + ":") if rj else ("-" * (w + 2)) for w, rj in zip(widths, right)]
+        out.append("|" + "|".join(rule) + "|")
+        out += [fmt(r) for r in body]
+        out.append("")
+    for line in report.header_lines:  # paragraphs and lists, so that rendered markdown keeps the lines apart
+        out += [line, ""]
+    if report.notes:
+        out += [f"- [{i}] {t}" for i, t in enumerate(report.notes, 1)] + [""]
+    out += [f"- {t}" for t in report.footer]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "—": "---", "…": "..."}
+
+
+def tex(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def latex(report: Report) -> str:
+    """A table float per section (booktabs), notes below; needs \\usepackage{booktabs}."""
+    out = []
+    for k, sec in enumerate(report.sections):
+        out += [r"\begin{table}[t]", r"\centering", r"\small"]
+        if sec.title:
+            out.append(r"\caption{" + tex(sec.title) + "}")
+        out.append(r"\begin{tabular}{l" + "r" * len(sec.columns) + "}")
+        out.append(r"\toprule")
+        out.append(" & ".join(["Method"] + [tex(sec.headers[c]) for c in sec.columns]) + r" \\")
+        out.append(r"\midrule")
+        for lab in sec.rows:
+            line = [tex(lab)]
+            for c in sec.columns:
+                cell = sec.cells[(lab, c)]
+                marks = r"\textsuperscript{" + ",".join(map(str, cell.notes)) + "}" if cell.notes else ""
+                line.append(cell_text(c, cell, plus=r" $\pm$ ", dash="--") + marks)
+            out.append(" & ".join(line) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}"]
+        if k == len(report.sections) - 1:
+            out += ["", r"\smallskip", r"\parbox{\linewidth}{\footnotesize\raggedright"]
+            out += [tex(t) + r"\par" for t in report.header_lines]
+            out += [f"{i}. " + tex(t) + r"\par" for i, t in enumerate(report.notes, 1)]
+            out += [tex(t) + r"\par" for t in report.footer]
+            out.append("}")
+        out += [r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def _records(report: Report) -> list[dict]:
+    recs = []
+    for sec in report.sections:
+        for lab in sec.rows:
+            for c in sec.columns:
+                cell = sec.cells[(lab, c)]
+                is_cost = c in COST_COLUMNS
+                scale = 1 if is_cost else 100
+                recs.append({
+                    "table": sec.title or "", "row": lab, "column": sec.headers[c], "key": c,
+                    "mean": None if cell.mean is None else round(scale * cell.mean, 4),
+                    "se": None if cell.se is None else round(scale * cell.se, 4),
+                    "n": cell.n, "unit": "value" if is_cost else "%",
+                    "notes": [report.notes[i - 1] for i in cell.notes]})
+    return recs
+
+
+def to_csv(report: Report) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["metric", "selection", "table", "row", "column", "mean", "se", "n", "unit", "notes"])
+    for r in _records(report):
+        w.writerow([report.metric, report.selection, r["table"], r["row"], r["column"],
+                    "" if r["mean"] is None else r["mean"], "" if r["se"] is None else r["se"], r["n"], r["unit"],
+                    " | ".join(r["notes"])])
+    return buf.getvalue()
+
+
+def to_json(report: Report) -> str:
+    return json.dumps({"metric": report.metric, "selection": report.selection,
+                       "description": report.header_lines, "cells": _records(report),
+                       "notes": report.notes, "footer": report.footer}, indent=1, ensure_ascii=False) + "\n"
+
+
+def render(report: Report, fmt: str = "markdown") -> str:
+    if fmt == "markdown":
+        return markdown(report)
+    if fmt == "latex":
+        return latex(report)
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "json":
+        return to_json(report)
+    raise K.BenchError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
