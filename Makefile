@@ -1,5 +1,5 @@
 # The two commands of the quick start. Both set up .venv first (idempotent).
-.PHONY: setup quickstart test test-all
+.PHONY: setup quickstart test test-slow test-all
 
 setup:
 	./scripts/setup.sh
@@ -7,11 +7,15 @@ setup:
 # The main job on the embedded default: the quick start sweep, then its table.
 quickstart: setup
 	.venv/bin/bench sweep sweeps/quickstart.yaml
-	.venv/bin/bench table --runs runs/quickstart --metric ood_avg
+	.venv/bin/bench table --runs runs/quickstart --metric id,ood_avg,zs_avg
 
 # The default test suite (what CI runs).
 test: setup
 	.venv/bin/python -m pytest -q
+
+# The tests marked slow only.
+test-slow: setup
+	.venv/bin/python -m pytest -q -m slow
 
 # Everything, slow tests included.
 test-all: setup
