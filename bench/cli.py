@@ -261,17 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", choices=["debug", "local", "slurm"], help="for the compute estimate")
     p.set_defaults(func=cmd_status)
 
-    selections = ["train_val", "lodo", "oracle"]  # bench.collect.SELECTIONS (not imported here: pandas is slow)
+    def collector_args(p):  # what `table`, `plot` and `export-best` share
+        p.add_argument("--runs", default="runs", help="results folder, searched recursively for run folders")
+        # bench.collect.SELECTIONS (not imported here: pandas is slow to import)
+        p.add_argument("--selection", default="train_val", choices=["train_val", "lodo", "oracle"],
+                       help="training-domain validation (default), leave-one-domain-out, test-domain oracle")
+        p.add_argument("--dataset", action="append", help="only this dataset (repeat for more)")
+
     p = sub.add_parser("table", help="ID / OOD / zero-shot table of finished runs, after DomainBed model selection")
-    p.add_argument("--runs", default="runs", help="results folder, searched recursively for run folders")
+    collector_args(p)
     p.add_argument("--metric", default="ood_avg",
                    help="ood_avg (default) | id | id_test | zs_avg | ood (per held-out domain) | ood_avg4 | "
-                        "ood_avg5 (ImageNet-style suites) | ood:<domain>")
-    p.add_argument("--selection", default="train_val", choices=selections,
-                   help="training-domain validation (default), leave-one-domain-out, test-domain oracle")
+                        "ood_avg5 (ImageNet-style suites) | ood:<domain>; a comma list for several columns")
     p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "json"])
     p.add_argument("--cost", action="store_true", help="add step time, peak memory and total compute columns")
-    p.add_argument("--dataset", action="append", help="only this dataset (repeat for more)")
     p.add_argument("--rows", action="append", help="only rows matching this pattern, e.g. 'erm*' (repeatable)")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.add_argument("--no-cache", action="store_true",
@@ -279,16 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("plot", help="ID-vs-OOD scatter (PNG and PDF): methods, zero-shot, WiSE-FT curves")
-    p.add_argument("--runs", default="runs")
-    p.add_argument("--selection", default="train_val", choices=selections)
-    p.add_argument("--dataset", action="append", help="only this dataset (repeat for more)")
+    collector_args(p)
     p.add_argument("--out", help="output path without extension (default <runs>/id_vs_ood)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("export-best", help="the selected run (job id, step, hparams, config) of every table cell")
-    p.add_argument("--runs", default="runs")
-    p.add_argument("--selection", default="train_val", choices=selections)
-    p.add_argument("--dataset", action="append", help="only this dataset (repeat for more)")
+    collector_args(p)
     p.add_argument("--out", help="write the JSON here instead of stdout")
     p.add_argument("--configs", help="also write each selected job's run config as <dir>/<job id>.yaml")
     p.set_defaults(func=cmd_export_best)
