@@ -304,7 +304,7 @@ def test_local_sweep_equals_in_process_runs(embedded_root, tmp_path, one_thread)
 
 
 # ---- the shipped sweep files ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["quickstart", "domainbed", "imagenet"])
+@pytest.mark.parametrize("name", ["quickstart", "embedded", "domainbed", "imagenet"])
 def test_shipped_sweeps_expand(name):
     """Every job of the shipped sweeps validates (their data need not be here for that)."""
     from pathlib import Path
@@ -323,6 +323,10 @@ def test_shipped_sweeps_expand(name):
         assert {(j.cfg.model.name, j.cfg.model.pretrained) for j in jobs} == {("ViT-B-16", "openai")}
     if name == "quickstart":
         assert sw.output == "runs/quickstart" and {j.cfg.data.dataset for j in jobs} == {"embedded"}
+    if name == "embedded":  # leave-one-domain-out over the 4 domains, 3 trials, the quick start's training
+        quick = S.load_sweep(path.parent / "quickstart.yaml")
+        assert {j.cfg.data.test_domains for j in jobs} == {("photo",), ("sketch",), ("cartoon",), ("painting",)}
+        assert len(jobs) == len(sw.methods) * 4 * 3 and sw.base == quick.base and sw.methods == quick.methods
     if "zeroshot" in per_method:
         assert per_method["zeroshot"] == len({(j.cfg.data.dataset, j.cfg.data.test_domains) for j in jobs}) * len(
             sw.trial_seeds)
