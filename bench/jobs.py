@@ -139,10 +139,7 @@ def _owner_alive(token: str) -> bool:
 # ---- files ---------------------------------------------------------------------------------------
 def _write_json(path: Path, obj: dict) -> None:
     """Atomic (rename), without fsync: these are small markers, rewritten often, 10,000 at a time."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, sort_keys=True), fsync=False)
 
 
 def read_json(path: Path) -> dict:
@@ -155,10 +152,7 @@ def read_json(path: Path) -> dict:
 def mark_submitted(run_dir: Path, launcher: str, **info: Any) -> None:
     """Before (re)launching: clear the previous attempt's heartbeat and failure, then write `submitted`."""
     for name in (FAILED, HEARTBEAT):
-        try:
-            os.unlink(run_dir / name)
-        except FileNotFoundError:
-            pass
+        (run_dir / name).unlink(missing_ok=True)
     write_submitted(run_dir, {"launcher": launcher, "time": time.time(), **info})
 
 
@@ -174,10 +168,7 @@ def update_submitted(run_dir: Path, **info: Any) -> None:
 def unmark(run_dir: Path) -> None:
     """A job cancelled by its own launcher (Ctrl-C of a local sweep) goes back to 'missing' (its checkpoint stays)."""
     for name in (SUBMITTED, HEARTBEAT):
-        try:
-            os.unlink(run_dir / name)
-        except FileNotFoundError:
-            pass
+        (run_dir / name).unlink(missing_ok=True)
 
 
 class Heartbeat:
