@@ -105,7 +105,7 @@ def _sweep_plan(args):
     from bench import launch as L
     from bench import sweep as S
 
-    sw = S.load_sweep(args.file)
+    sw = S.load_sweep(args.file, getattr(args, "set", None) or ())
     kind = getattr(args, "launcher", None) or sw.launcher.kind
     jobs = S.select(S.expand(sw, args.file), args.only, args.file)
     plan = L.make_plan(jobs, retry=getattr(args, "retry", False), stale_after=sw.launcher.stale_after_s)
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="only these jobs, e.g. method=erm,flyp (keys: method, dataset, test_domains, draw, "
                         "trial_seed, job); repeat to combine")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="edit a key of the sweep file for this call, e.g. base.data.root=/data or datasets=[pacs]")
     p.add_argument("--launcher", choices=["debug", "local", "slurm"], help="override the file's launcher.kind")
     p.add_argument("--workers", type=int, help="local launcher: jobs at once (default: launcher.local.workers)")
     p.add_argument("--no-progress", action="store_true")
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="a sweep's job counts (done / running / failed / stale / to launch)")
     p.add_argument("file")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help="as for `bench sweep`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for `bench sweep`")
     p.add_argument("--launcher", choices=["debug", "local", "slurm"], help="for the compute estimate")
     p.set_defaults(func=cmd_status)
 
@@ -271,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("table", help="ID / OOD / zero-shot table of finished runs, after DomainBed model selection")
     collector_args(p)
     p.add_argument("--metric", default="ood_avg",
-                   help="ood_avg (default) | id | id_test | zs_avg | ood (per held-out domain) | ood_avg4 | "
-                        "ood_avg5 (ImageNet-style suites) | ood:<domain>; a comma list for several columns")
+                   help="ood_avg (default) | id | id_test | zs_avg | hm (of id and zs_avg) | ood (per held-out "
+                        "domain) | ood_avg4 | ood_avg5 (ImageNet-style suites) | ood:<domain> | xd_avg (cross-dataset "
+                        "zero-shot suite) | xd (per suite dataset) | xd:<dataset>; a comma list for several columns")
     p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "json"])
     p.add_argument("--cost", action="store_true", help="add step time, peak memory and total compute columns")
     p.add_argument("--rows", action="append", help="only rows matching this pattern, e.g. 'erm*' (repeatable)")

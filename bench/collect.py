@@ -72,6 +72,10 @@ METRICS = {
     "ood_avg": "OOD accuracy: mean over held-out domains",
     "ood": "OOD accuracy per held-out domain (one table per dataset)",
     "zs_avg": "zero-shot accuracy on the unseen classes, mean over domains",
+    "hm": "harmonic mean of ID (base classes) and zero-shot (novel classes) accuracy, per trial seed (CoCoOp)",
+    "xd": "cross-dataset zero-shot accuracy per suite dataset (one table per fine-tuning dataset)",
+    "xd_avg": ("cross-dataset zero-shot accuracy: mean over the zero-shot suite's datasets (data.zeroshot_suite; "
+               "never used to select)"),
     **{name: f"OOD accuracy: mean over {', '.join(sets)}" for name, (_, sets) in SUITE_AVERAGES.items()},
 }
 
@@ -94,7 +98,8 @@ def _card_averages(dataset: str) -> dict | None:
 
 
 # Column headers when a table shows several metrics side by side (--metric id,ood_avg,zs_avg).
-METRIC_HEADERS = {"id": "ID", "id_test": "ID test", "ood_avg": "OOD avg", "zs_avg": "zero-shot",
+METRIC_HEADERS = {"id": "ID", "id_test": "ID test", "ood_avg": "OOD avg", "zs_avg": "zero-shot", "hm": "HM",
+                  "xd_avg": "zero-shot (cross-dataset)",
                   **{name: f"OOD {label.lower()}" for name, (label, _) in SUITE_AVERAGES.items()}}
 
 
@@ -102,12 +107,15 @@ def check_metric(metric: str) -> list[str]:
     """A metric, or several separated by commas (one table, a column each); returns them as a list."""
     names = [m.strip() for m in metric.split(",")]
     for m in names:
-        if not (m in METRICS or (m.startswith("ood:") and len(m) > 4)):
-            raise BenchError(f"--metric: unknown metric {m!r}; choose one of {', '.join(METRICS)} or ood:<domain> "
+        if not (m in METRICS or (m.startswith(("ood:", "xd:")) and len(m) > 3 + 1)):
+            raise BenchError(f"--metric: unknown metric {m!r}; choose one of {', '.join(METRICS)}, ood:<domain> or "
+                             f"xd:<zero-shot suite dataset> "
                              f"(or several, comma-separated: id,ood_avg,zs_avg)")
-    if len(names) > 1 and "ood" in names:
-        raise BenchError("--metric: ood (a table per dataset, a column per held-out domain) cannot be combined "
-                         "with other metrics; ask for it alone")
+    for wide in ("ood", "xd"):
+        if len(names) > 1 and wide in names:
+            raise BenchError(f"--metric: {wide} (a table per dataset, a column per "
+                             f"{'held-out domain' if wide == 'ood' else 'suite dataset'}) cannot be combined with "
+                             f"other metrics; ask for it alone")
     if len(set(names)) != len(names):
         raise BenchError(f"--metric: {metric!r} names a metric twice; name each once")
     return names
@@ -493,8 +501,9 @@ class Units:
     """A unit is one (job, variant): the thing selection picks. Per unit and step: the role means."""
 
     table: pd.DataFrame  # unit -> job, variant, label, method, dataset, test_set, trial_seed, hp, job_id, primary
-    steps: pd.DataFrame  # unit, step, id_val, id_test, ood_val, zeroshot (means over domains of acc rows)
+    steps: pd.DataFrame  # unit, step, id_val, id_test, ood_val, zeroshot, zeroshot_xd (means over domains)
     ood: pd.DataFrame  # unit, step, domain, value (acc of role ood)
+    xd: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["unit", "step", "domain", "value"]))
 
 
 def units(coll: Collection) -> Units:
@@ -509,13 +518,16 @@ def units(coll: Collection) -> Units:
     unit_of = acc[["job", "variant"]].merge(pairs, on=["job", "variant"], how="left")["unit"].to_numpy()
     acc = acc.assign(unit=unit_of)
     means = acc.groupby(["unit", "step", "role"], observed=True)["value"].mean().unstack("role")
-    for role in ("id_val", "id_test", "ood_val", "zeroshot", "ood"):
+    for role in ("id_val", "id_test", "ood_val", "zeroshot", "zeroshot_xd", "ood"):
         if role not in means:
             means[role] = np.nan
-    steps = means[["id_val", "id_test", "ood_val", "zeroshot"]].reset_index()
-    ood = acc.loc[acc["role"] == "ood", ["unit", "step", "domain", "value"]].copy()
-    ood["domain"] = ood["domain"].astype(str)
-    return Units(table, steps, ood.reset_index(drop=True))
+    steps = means[["id_val", "id_test", "ood_val", "zeroshot", "zeroshot_xd"]].reset_index()
+    per_domain = []
+    for role in ("ood", "zeroshot_xd"):
+        part = acc.loc[acc["role"] == role, ["unit", "step", "domain", "value"]].copy()
+        part["domain"] = part["domain"].astype(str)
+        per_domain.append(part.reset_index(drop=True))
+    return Units(table, steps, *per_domain)
 
 
 GROUP = ["label", "dataset", "test_set", "trial_seed"]
@@ -544,6 +556,10 @@ def select(coll: Collection, rule: str, u: Units | None = None) -> pd.DataFrame:
     if not len(u.steps):
         return pd.DataFrame(columns=out_cols)
     steps = _attach(u.steps, u.table, cols)
+    # A run evaluating a zero-shot suite only every train.suite_every-th evaluation is selected among those steps,
+    # so that every column comes from one checkpoint; the suite's values are never what selects.
+    has_suite = steps["zeroshot_xd"].notna().groupby(steps["unit"]).transform("any")
+    steps = steps[~has_suite | steps["zeroshot_xd"].notna()]
     prim = steps[steps["primary"].astype(bool)]
     if rule == "train_val":
         cand = prim.assign(val=prim["id_val"])
@@ -617,9 +633,11 @@ def chosen_values(coll: Collection, chosen: pd.DataFrame, u: Units | None = None
     st = at.merge(u.steps, on=["unit", "step"], how="left")
     parts = [st[GROUP + ["job_id"]].assign(key="id", value=st["id_val"]),
              st[GROUP + ["job_id"]].assign(key="id_test", value=st["id_test"]),
-             st[GROUP + ["job_id"]].assign(key="zs_avg", value=st["zeroshot"])]
-    od = at.merge(u.ood, on=["unit", "step"])
-    parts.append(od[GROUP + ["job_id"]].assign(key="ood:" + od["domain"], value=od["value"]))
+             st[GROUP + ["job_id"]].assign(key="zs_avg", value=st["zeroshot"]),
+             st[GROUP + ["job_id"]].assign(key="xd_avg", value=st["zeroshot_xd"])]
+    for prefix, frame in (("ood:", u.ood), ("xd:", u.xd)):
+        od = at.merge(frame, on=["unit", "step"])
+        parts.append(od[GROUP + ["job_id"]].assign(key=prefix + od["domain"], value=od["value"]))
     return pd.concat(parts, ignore_index=True)[cols]
 
 
@@ -628,8 +646,10 @@ def required(coll: Collection, metric: str, dataset: str) -> pd.DataFrame:
     pairs = []
     for t in coll.primary_sets.get(dataset, []):
         held = t.split("+")
-        if metric in ("id", "id_test", "zs_avg"):
+        if metric in ("id", "id_test", "zs_avg", "xd_avg") or metric.startswith("xd:"):
             pairs.append((t, metric))
+        elif metric == "hm":
+            pairs += [(t, "id"), (t, "zs_avg")]
         elif metric == "ood_avg":
             pairs += [(t, f"ood:{d}") for d in held]
         else:
@@ -660,7 +680,14 @@ def per_seed(coll: Collection, values: pd.DataFrame, metric: str, dataset: str) 
     full = count[count == len(need)].index
     have = have.set_index(["label", "trial_seed"])
     have = have[have.index.isin(full)].reset_index()
-    out = have.groupby(["label", "trial_seed", "key"])["value"].mean().groupby(["label", "trial_seed"]).mean()
+    by_key = have.groupby(["label", "trial_seed", "key"])["value"].mean()
+    if metric == "hm" and not len(by_key):
+        return empty, gaps.reset_index(drop=True)
+    if metric == "hm":  # per trial seed: the harmonic mean of base (ID) and novel (zero-shot) accuracy
+        wide = by_key.unstack("key")
+        out = 2 * wide["id"] * wide["zs_avg"] / (wide["id"] + wide["zs_avg"])
+    else:
+        out = by_key.groupby(["label", "trial_seed"]).mean()
     return out.rename("value").reset_index(), gaps.reset_index(drop=True)
 
 

@@ -38,6 +38,12 @@ class DataConfig:
     root: str = "data"  # folder holding the datasets' folders (not part of a job's identity)
     test_domains: tuple[str, ...] = ("sketch",)
     holdout_fraction: float = 0.2
+    # card: the card's own seen/unseen classes. base_to_novel: CoOp's base-to-novel split of the card's classes
+    # (sorted; the first ceil(n/2) are base = seen, the rest novel = unseen, evaluated zero-shot in every domain).
+    classes: str = "card"
+    # Cross-dataset zero-shot: a suite name from datasets/zeroshot/suites.yaml (e.g. coop10) or a list of
+    # zero-shot card names or paths, read under `root` in CoOp's layouts (docs/ZEROSHOT_SUITE.md).
+    zeroshot_suite: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     save_final: bool = True  # keep the final trained weights (needed by post-hoc WiSE-FT)
+    suite_every: int = 1  # evaluate data.zeroshot_suite at every k-th evaluation (and always at the last step)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,13 @@ class RunConfig:
 # Keys that say where or how a job runs, not what it computes: left out of its identity.
 _NOT_IDENTITY = {("data", "root"), ("train", "num_workers"), ("train", "device"), ("train", "eval_batch_size"),
                  ("train", "save_final"), ("plugins",)}
+
+
+# Keys added after job ids were first pinned: part of a job's identity only when set to a non-default value,
+# so that every job id computed before they existed stays the same.
+_IDENTITY_IF_SET = {("data", "classes"): "card", ("data", "zeroshot_suite"): [], ("train", "suite_every"): 1}
+
+CLASS_SPLITS = ("card", "base_to_novel")
 
 
 def _type_name(tp: Any) -> str:
@@ -197,6 +211,11 @@ def identity(cfg: RunConfig) -> dict:
         for part in path[:-1]:
             node = node[part]
         node.pop(path[-1], None)
+    for (section, key), default in _IDENTITY_IF_SET.items():
+        if d[section].get(key) == default:
+            d[section].pop(key, None)
+    if not cfg.data.zeroshot_suite:
+        d["train"].pop("suite_every", None)  # without a suite it changes nothing
     d["protocol_version"] = PROTOCOL_VERSION
     return d
 

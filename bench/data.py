@@ -10,9 +10,11 @@ shift sets (see `build_task` and datasets/imagenet.yaml).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -427,7 +429,8 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
 
 @dataclass
 class EvalSet:
-    """One evaluation set. role: id_val | id_test | ood | ood_val | zeroshot. classes: 'seen' or 'unseen'.
+    """One evaluation set. role: id_val | id_test | ood | ood_val | zeroshot | zeroshot_xd.
+    classes: 'seen', 'unseen' (the card's unseen classes) or 'own' (class_names/templates of its own).
 
     class_subset: None, or the set's own classes, each a group of indices into the seen (or unseen) classes:
     the logits are projected onto those columns, the prediction is the group holding the highest of them,
@@ -440,6 +443,9 @@ class EvalSet:
     classes: str
     items: list[tuple[str, int]]  # (path, label within the seen or unseen class list, or within class_subset)
     class_subset: tuple[tuple[int, ...], ...] | None = None
+    # classes 'own' (role zeroshot_xd, a dataset never fine-tuned on): its own class names and prompt templates
+    class_names: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.class_subset is not None:
@@ -547,6 +553,48 @@ def build_shift_task(card: DatasetCard, root: str | Path, test_domains: tuple[st
             evalsets.append(EvalSet("ood", name, "all", "seen", ood_items, subset))
     return Task(card, Path(root), (card.train_domain,), tuple(test_domains), card.seen_classes, (),
                 {card.train_domain: [items[i] for i in idx_in]}, evalsets)
+
+
+def split_classes(card: DatasetCard, mode: str, source: str = "config") -> DatasetCard:
+    """The card with data.classes applied. 'card': as it is. 'base_to_novel': CoOp's base-to-novel split
+    (Zhou et al., CoCoOp, CVPR 2022; CoOp's `subsample_classes`): the classes sorted, the first ceil(n/2) base
+    (seen, fine-tuned on), the rest novel (unseen: zero-shot in every domain, never trained on)."""
+    from bench.config import CLASS_SPLITS
+
+    if mode == "card":
+        return card
+    if mode not in CLASS_SPLITS:
+        raise BenchError(f"{source}: data.classes: {mode!r} is not one of {', '.join(CLASS_SPLITS)}")
+    if card.protocol == "shift":
+        raise BenchError(f"{source}: data.classes: base_to_novel splits a DomainBed-protocol card's classes; "
+                         f"{card.name} is a shift card (its sets share ImageNet's classes): use data.zeroshot_suite "
+                         f"for its zero-shot column")
+    if card.unseen_classes:
+        raise BenchError(f"{source}: data.classes: base_to_novel, but {card.name} lists unseen_classes of its own; "
+                         f"use data.classes: card, or remove unseen_classes from {card.source}")
+    ordered = sorted(card.classes)
+    novel = ordered[math.ceil(len(ordered) / 2):]
+    if len(novel) < 2:
+        raise BenchError(f"{source}: data.classes: base_to_novel leaves {len(novel)} novel class of {card.name} "
+                         f"({len(card.classes)} classes): a zero-shot column needs at least 2; use data.classes: card")
+    return dataclasses.replace(card, unseen_classes=tuple(novel))
+
+
+def suite_evalsets(root: str | Path, names: tuple[str, ...], source: str = "config") -> list[EvalSet]:
+    """Role zeroshot_xd: the test split of each zero-shot suite dataset (data.zeroshot_suite), with its own
+    class names and templates (bench.zeroshot_suite; CoOp's cross-dataset transfer protocol)."""
+    from bench import zeroshot_suite as Z
+
+    out = []
+    for name in Z.resolve_suite(list(names), f"{source}: data.zeroshot_suite"):
+        card = Z.load_zeroshot_card(name)
+        try:
+            items = Z.scan_zeroshot(root, card, "test")
+        except BenchError as err:
+            raise BenchError(f"{source}: data.zeroshot_suite: {err}") from None
+        out.append(EvalSet("zeroshot_xd", card.name, "test", "own", items, class_names=tuple(card.class_names),
+                           templates=tuple(card.templates)))
+    return out
 
 
 def load_image(path: str) -> Image.Image:

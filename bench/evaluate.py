@@ -46,12 +46,14 @@ class EvalData:
 
 
 @torch.no_grad()
-def evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast) -> list[dict]:
+def evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast, suite: bool = True
+             ) -> list[dict]:
+    """Rows of every eval set; suite=False skips the zero-shot suite's (role zeroshot_xd, train.suite_every)."""
     was_training = method.training
     method.eval()
     with method.eval_context():
         method.eval_cache_clear()
-        rows = _evaluate(method, data, step, device, autocast)
+        rows = _evaluate(method, data, step, device, autocast, suite)
     method.train(was_training)
     return rows
 
@@ -66,16 +68,24 @@ def predict_classes(logits: torch.Tensor, class_subset: tuple[tuple[int, ...], .
     return owner[logits.index_select(-1, cols).argmax(-1)]
 
 
-def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast) -> list[dict]:
+def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, autocast, suite: bool = True
+              ) -> list[dict]:
     rows = []
     unseen_head = None
     for i, es in enumerate(data.task.evalsets):
+        if es.role == "zeroshot_xd" and not suite:
+            continue
         correct = total = 0
+        own_head = None
         for x, y in data.batches(i, es):
             x, y = x.to(device, non_blocking=True), y.to(device)
             with autocast():
                 if es.classes == "seen":
                     logits = method.predict(x)
+                elif es.classes == "own":  # a dataset never fine-tuned on: its own class names and templates
+                    if own_head is None:
+                        own_head = method.text_head(list(es.class_names), list(es.templates))
+                    logits = method.encode_image(x) @ own_head.t()
                 else:
                     if unseen_head is None:
                         unseen_head = method.text_head(data.task.unseen_names)

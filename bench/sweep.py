@@ -35,6 +35,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import yaml
+
 from bench import config as C
 from bench.data import domain_folder, load_card
 from bench.errors import BenchError
@@ -138,10 +140,19 @@ class Job:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and check a sweep file's structure (jobs are checked by `expand`)."""
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read and check a sweep file's structure (jobs are checked by `expand`).
+
+    overrides: `--set KEY=VALUE` edits of the file's own keys, dotted (`base.data.root=/data`,
+    `datasets=[pacs]`, `search.n_draws=1`), applied before it is checked, as if written in the file."""
     source = str(path)
-    sweep = C.from_dict(SweepConfig, C.read_yaml(path), source)
+    data = C.read_yaml(path)
+    for text in overrides:  # only the named key changes (unlike C.merge, which replaces hparams whole)
+        if "=" not in text:
+            raise BenchError(f"{source}: --set: expected KEY=VALUE (e.g. base.data.root=/data), got {text!r}")
+        key, raw = text.split("=", 1)
+        data = _set_dotted(data if isinstance(data, dict) else {}, key.strip(), yaml.safe_load(raw))
+    sweep = C.from_dict(SweepConfig, data, source)
     if sweep.launcher.kind not in LAUNCHERS:
         raise BenchError(f"{source}: launcher.kind: {sweep.launcher.kind!r} is not one of {', '.join(LAUNCHERS)}")
     for key in ("workers", "threads"):

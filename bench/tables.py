@@ -217,16 +217,28 @@ def _empty_reason(coll: K.Collection, metric: str, ds: str, values: pd.DataFrame
     rule = expl.rule_reason(ds)
     if rule:
         return rule
-    if metric == "zs_avg":
+    if metric in ("zs_avg", "hm"):
         v = values[(values["dataset"] == ds) & (values["key"] == "zs_avg")]["value"]
         if len(v) and v.isna().all():
-            return f"{ds} has no zero-shot rows (no unseen classes in its card)."
+            return (f"{ds} has no zero-shot rows (no unseen classes in its card: data.classes: base_to_novel gives a "
+                    f"DomainBed card some; xd_avg is the cross-dataset zero-shot column).")
+    if metric == "xd_avg" or metric.startswith("xd:"):
+        v = values[(values["dataset"] == ds) & (values["key"] == metric)]["value"]
+        if len(v) and v.isna().all():
+            what = "zero-shot suite rows" if metric == "xd_avg" else f"rows for suite dataset {metric[3:]}"
+            return f"{ds} runs have no {what} (set data.zeroshot_suite, e.g. coop10; docs/ZEROSHOT_SUITE.md)."
     if metric in K.SUITE_AVERAGES:
         have = {k[4:] for k in values.loc[values["dataset"] == ds, "key"] if k.startswith("ood:")}
         lacking = [d for d in K._metric_domains(coll, metric, ds) if d not in have]
         if lacking:
             return f"{metric} on {ds} needs results on {', '.join(lacking)}."
     return None
+
+
+def _describe(metric: str) -> str:
+    if metric.startswith("xd:"):
+        return f"zero-shot accuracy on {metric[3:]} (cross-dataset, never used to select)"
+    return f"OOD accuracy on {metric[4:]}"
 
 
 def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_val", cost: bool = False,
@@ -316,12 +328,27 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
             if cost:
                 add_costs(sec, [ds])
             sections.append(sec)
+    elif metric == "xd":
+        for ds in all_ds:
+            units_of = set(u.table.loc[u.table["dataset"] == ds, "unit"])
+            suite = list(dict.fromkeys(u.xd.loc[u.xd["unit"].isin(units_of), "domain"]))
+            sec = Section(ds, [], {}, labels)
+            for d in suite:
+                sec.columns.append(f"xd:{d}")
+                sec.headers[f"xd:{d}"] = d
+                fill(sec, f"xd:{d}", ds, f"xd:{d}")
+            sec.columns.append("xd_avg")
+            sec.headers["xd_avg"] = "Avg"
+            fill(sec, "xd_avg", ds, "xd_avg")
+            if cost:
+                add_costs(sec, [ds])
+            sections.append(sec)
     elif len(metrics) > 1:  # one column per (dataset, metric): ID / OOD / zero-shot side by side
         sec = Section(None, [], {}, labels)
         for ds in all_ds:
             for m in metrics:
                 key = f"{m}@{ds}"
-                head = K.METRIC_HEADERS.get(m) or f"OOD {m[4:]}"
+                head = K.METRIC_HEADERS.get(m) or (f"zero-shot {m[3:]}" if m.startswith("xd:") else f"OOD {m[4:]}")
                 sec.columns.append(key)
                 sec.headers[key] = head if len(all_ds) == 1 else f"{ds} {head}"
                 fill(sec, key, ds, m)
@@ -340,7 +367,7 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
             add_costs(sec, all_ds)
         sections.append(sec)
 
-    described = "; ".join(f"{m}, {K.METRICS.get(m) or 'OOD accuracy on ' + m[4:]}" for m in metrics)
+    described = "; ".join(f"{m}, {K.METRICS.get(m) or _describe(m)}" for m in metrics)
     header = [f"Metric{'s' if len(metrics) > 1 else ''}: {described} (%); "
               f"cells: mean ± standard error over trial seeds (std/sqrt(n), as DomainBed).",
               f"Selection: {selection}, {K.SELECTIONS[selection]}."]

@@ -9,6 +9,7 @@ of step s depends only on (run seed, s), so a resumed run equals an unbroken one
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -23,7 +24,8 @@ import torch
 
 from bench import config as C
 from bench import results as R
-from bench.data import DatasetCard, ImageItems, StepSampler, build_task, ensure_generated, load_card
+from bench.data import (DatasetCard, ImageItems, StepSampler, Task, build_task, ensure_generated, load_card,
+                        split_classes, suite_evalsets)
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
 from bench.method import METHODS, build_method, hparams_dict, load_builtin_methods, load_plugin, resolve_hparams
@@ -131,6 +133,9 @@ def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None =
         card = card or load_card(cfg.data.dataset)
     except BenchError as err:
         raise BenchError(f"{source}: data.dataset: {err}") from None
+    card = split_classes(card, cfg.data.classes, source)
+    if cfg.data.zeroshot_suite:
+        _suite_names(cfg.data.zeroshot_suite, source)
     bad = [d for d in cfg.data.test_domains if d not in card.domains]
     if bad:
         raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a domain of {card.name}; "
@@ -139,6 +144,30 @@ def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None =
     ident["hparams"] = hparams_dict(hparams)
     seed = C.seed_hash("train", ident)
     return Prepared(cfg, hparams, C.stable_hash(ident), seed, source)
+
+
+@functools.lru_cache(maxsize=64)
+def _suite_names(value: tuple[str, ...], source: str) -> tuple[str, ...]:
+    """data.zeroshot_suite resolved to zero-shot card names, each card loaded once (a sweep has thousands of jobs)."""
+    from bench import zeroshot_suite as Z
+
+    names = Z.resolve_suite(list(value), f"{source}: data.zeroshot_suite")
+    for name in names:
+        try:
+            Z.load_zeroshot_card(name)
+        except BenchError as err:
+            raise BenchError(f"{source}: data.zeroshot_suite: {err}") from None
+    return names
+
+
+def build_run_task(cfg: C.RunConfig, source: str = "config", progress: bool = False) -> Task:
+    """The run's Task: its card (with data.classes applied), splits, and the zero-shot suite's eval sets."""
+    card = split_classes(load_card(cfg.data.dataset), cfg.data.classes, source)
+    ensure_generated(card, cfg.data.root, progress)
+    task = build_task(card, cfg.data.root, cfg.data.test_domains, cfg.data.holdout_fraction, cfg.trial_seed, source)
+    if cfg.data.zeroshot_suite:
+        task.evalsets += suite_evalsets(cfg.data.root, cfg.data.zeroshot_suite, source)
+    return task
 
 
 def _check_folder_is_ours(run_dir: Path, prep: Prepared) -> None:
@@ -169,12 +198,10 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     if (run_dir / R.DONE).is_file():
         log.info("%s is done already", run_dir)
         return run_dir
-    card = load_card(cfg.data.dataset)
-    ensure_generated(card, cfg.data.root, progress)
     tc = cfg.train
     device = resolve_device(tc.device)
     autocast = autocast_for(tc.precision, device)
-    task = build_task(card, cfg.data.root, cfg.data.test_domains, cfg.data.holdout_fraction, cfg.trial_seed, source)
+    task = build_run_task(cfg, source, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, prep)
 
@@ -211,7 +238,10 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     domain_of = torch.tensor([i for i, d in enumerate(task.train_domains) for _ in task.train[d]])
 
     def log_eval(step: int, extra: list[dict]) -> None:
-        rows = evaluate(method, eval_data, step, device, autocast) + extra
+        # the suite (role zeroshot_xd): at every suite_every-th evaluation (a function of the step alone, so a
+        # resumed run evaluates it where an unbroken one does) and at the last step
+        suite = (step // tc.eval_every) % tc.suite_every == 0 or step == steps
+        rows = evaluate(method, eval_data, step, device, autocast, suite=suite) + extra
         writer.write(rows)
         accs = {r["role"]: r["value"] for r in rows if r["metric"] == "acc"}
         log.info("%s step %d: %s", run_dir.name, step, " ".join(f"{k}={v:.3f}" for k, v in sorted(accs.items())))

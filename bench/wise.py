@@ -43,10 +43,9 @@ def wise_rows(method: Method, theta0: dict, theta1: dict, alphas: Sequence[float
 
 def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, device: str = "cpu") -> int:
     """Add (or replace) the WiSE-FT variants of a finished run; returns the number of rows written."""
-    from bench.data import build_task, load_card
     from bench.method import build_method
     from bench.models import load_clip
-    from bench.train import autocast_for, prepare, resolve_device
+    from bench.train import autocast_for, build_run_task, prepare, resolve_device
 
     run_dir = Path(run_dir)
     if not (run_dir / R.DONE).is_file() or not (run_dir / R.FINAL).is_file():
@@ -59,8 +58,7 @@ def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, devic
     cfg = C.from_dict(C.RunConfig, record["config"], str(run_dir / R.CONFIG))
     prep = prepare(cfg, str(run_dir / R.CONFIG))
     dev = resolve_device(device)
-    task = build_task(load_card(cfg.data.dataset), cfg.data.root, cfg.data.test_domains, cfg.data.holdout_fraction,
-                      cfg.trial_seed)
+    task = build_run_task(cfg, str(run_dir / R.CONFIG))
     torch.manual_seed(prep.seed)  # as in bench.train.run, so a random-init model starts from the same weights
     clip = load_clip(cfg.model.name, cfg.model.pretrained, dev)
     method = build_method(cfg.method, clip, task, dict(cfg.hparams)).to(dev)

@@ -153,7 +153,7 @@ def test_rows_and_datasets_filters(coll):
 
 
 def test_unknown_metric_or_rule_lists_the_choices(coll):
-    with pytest.raises(K.BenchError, match="choose one of id, id_test, ood_avg, ood, zs_avg, ood_avg4, ood_avg5"):
+    with pytest.raises(K.BenchError, match="choose one of id, id_test, ood_avg, ood, zs_avg, hm, xd, xd_avg, ood_avg4, ood_avg5"):
         T.build(coll, "oood", "train_val")
     with pytest.raises(K.BenchError, match="choose one of train_val, lodo, oracle"):
         T.build(coll, "ood_avg", "best")
