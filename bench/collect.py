@@ -197,6 +197,13 @@ def _hp_key(config: dict, hparams: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def dataset_label(data: dict) -> str:
+    """The collector's name of a run's dataset: the card, and the class split when it is not the card's own
+    (`pacs:base_to_novel`), so that runs on other classes never share a table cell or a model selection."""
+    classes = data.get("classes") or "card"
+    return data["dataset"] if classes == "card" else f"{data['dataset']}:{classes}"
+
+
 def set_key(domains) -> str:
     """A held-out set as one string: its domains, sorted, joined by '+'."""
     return "+".join(sorted(domains))
@@ -401,7 +408,7 @@ def load(root: str | Path, datasets: list[str] | None = None, cache: bool = True
                 with open(os.path.join(run_dir, CONFIG), "rb") as f:
                     rec = json.loads(f.read())
                 cfg = rec["config"]
-                method, dataset = cfg["method"], cfg["data"]["dataset"]
+                method, dataset = cfg["method"], dataset_label(cfg["data"])
                 test_domains = tuple(cfg["data"]["test_domains"])
                 trial_seed = int(cfg.get("trial_seed", 0))
             except (OSError, ValueError, KeyError, TypeError) as err:

@@ -17,6 +17,7 @@
       methods: {erm: {hparams: {label_smoothing: 0.1}, search: {space: {...}}}}
       datasets: {domainnet: {train: {eval_every: 1000}}}
     launcher: {kind: local}                  # debug | local | slurm (see LauncherConfig)
+    extends: other.yaml                      # optional: this file's keys merged over another sweep file's
 
 Value of a run-config key, last wins: defaults < base < overrides.datasets < overrides.methods < the draw.
 Draw d of key k is drawn from an RNG seeded by (d, k) alone: never by the trial seed, the method or the
@@ -146,7 +147,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     overrides: `--set KEY=VALUE` edits of the file's own keys, dotted (`base.data.root=/data`,
     `datasets=[pacs]`, `search.n_draws=1`), applied before it is checked, as if written in the file."""
     source = str(path)
-    data = C.read_yaml(path)
+    data = _read_extended(Path(path))
     for text in overrides:  # only the named key changes (unlike C.merge, which replaces hparams whole)
         if "=" not in text:
             raise BenchError(f"{source}: --set: expected KEY=VALUE (e.g. base.data.root=/data), got {text!r}")
@@ -190,6 +191,36 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                     raise BenchError(f"{source}: {where}.search may only hold 'space' (a mapping of dotted keys)")
                 _check_space(extra.get("space") or {}, f"{where}.search.space", source)
     return sweep
+
+
+def _read_extended(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """A sweep file's keys; with `extends: OTHER.yaml` (relative to the file), the other file's keys with this
+    file's merged over them (mappings merge key by key, lists and values replace), e.g. a variant of a shipped
+    sweep that changes one key: `extends: domainbed.yaml`, `base: {data: {classes: base_to_novel}}`."""
+    data = C.read_yaml(path)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise BenchError(f"{path}: extends must name one sweep file (relative to {path.parent}), got {parent!r}")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path in seen or parent_path == path.resolve():
+        raise BenchError(f"{path}: extends: {parent} extends itself (a cycle); remove one of the extends keys")
+    if not parent_path.is_file():
+        raise BenchError(f"{path}: extends: {parent_path} not found; name a sweep file relative to {path.parent}")
+    base = _read_extended(parent_path, (*seen, path.resolve()))
+    if not isinstance(base, dict):
+        raise BenchError(f"{parent_path}: a sweep file must be a mapping of keys (it is extended by {path})")
+    return _merge_all(base, data)
+
+
+def _merge_all(base: Mapping, over: Mapping) -> dict:
+    """Deep merge where every mapping merges (hparams too: a variant changes one hyperparameter, not all)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge_all(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else value
+    return out
 
 
 GRID_KEYS = {"method": "methods", "trial_seed": "trial_seeds", "plugins": "plugins", "data.dataset": "datasets",

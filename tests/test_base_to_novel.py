@@ -82,5 +82,21 @@ def test_run_reports_novel_zero_shot_and_the_table_has_hm(embedded_root, tmp_pat
     assert "HM" in text.splitlines()[0]
     sec = report.sections[0]
     cells = {c: sec.cells[("erm", c)] for c in sec.columns}
-    idv, zsv, hm = (cells[f"{m}@pacs"].mean for m in ("id", "zs_avg", "hm"))
+    idv, zsv, hm = (cells[f"{m}@pacs:base_to_novel"].mean for m in ("id", "zs_avg", "hm"))
     assert hm == pytest.approx(2 * idv * zsv / (idv + zsv))
+
+
+def test_collector_keeps_a_class_split_apart_from_the_card(embedded_root, tmp_path):
+    """Runs of one dataset on other classes are another dataset for the collector: never one cell, never one
+    model selection (base-to-novel runs score higher ID on half the classes)."""
+    from bench import collect as K
+
+    make_domainbed_fixture(tmp_path / "data", ["pacs"], per_class=2)
+    common = {"data.dataset": "pacs", "data.root": str(tmp_path / "data"), "train.steps": 2, "train.eval_every": 2,
+              "train.batch_size": 6}
+    run(tiny_config(embedded_root, **common), tmp_path / "runs" / "card", progress=False)
+    run(tiny_config(embedded_root, **common, **{"data.classes": "base_to_novel"}), tmp_path / "runs" / "b2n",
+        progress=False)
+    coll = K.load(tmp_path / "runs")
+    assert coll.datasets == ["pacs", "pacs:base_to_novel"]
+    assert K.dataset_label({"dataset": "pacs"}) == "pacs" == K.dataset_label({"dataset": "pacs", "classes": "card"})

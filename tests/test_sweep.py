@@ -11,6 +11,7 @@ from bench import jobs as J
 from bench import results as R
 from bench import sweep as S
 from bench.cli import main
+from bench.errors import BenchError
 from bench.train import prepare
 
 TINY_TRAIN = {"steps": 6, "batch_size": 12, "lr": 1e-3, "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 2,
@@ -303,8 +304,27 @@ def test_local_sweep_equals_in_process_runs(embedded_root, tmp_path, one_thread)
         assert acc_rows(job.run_dir) == acc_rows(ref)
 
 
+def test_extends_merges_over_the_parent_and_refuses_cycles(embedded_root, tmp_path):
+    parent = sweep_yaml(tmp_path, embedded_root, name="parent", trial_seeds=[0, 1])
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\nname: child\nbase: {train: {steps: 4}}\ntrial_seeds: [2]\n")
+    sw = S.load_sweep(child)
+    assert sw.name == "child" and sw.trial_seeds == (2,) and sw.methods == ("zeroshot", "erm")
+    assert sw.base["train"] == {**TINY_TRAIN, "steps": 4} and sw.base["model"]["name"] == "TinyCLIP-32"
+    assert S.load_sweep(child, ["base.train.lr=0.5"]).base["train"]["lr"] == 0.5  # --set applies after the merge
+    for text, pattern in [("extends: parent.yaml\nextends_typo: 1\n", "unknown key 'extends_typo'"),
+                          ("extends: nowhere.yaml\n", "extends: .*nowhere.yaml not found"),
+                          ("extends: child.yaml\n", "extends itself"),
+                          ("extends: [parent.yaml]\n", "extends must name one sweep file")]:
+        child.write_text(text)
+        with pytest.raises(BenchError, match=pattern) as err:
+            S.load_sweep(child)
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(child))
+    assert parent.is_file()
+
+
 # ---- the shipped sweep files ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["quickstart", "embedded", "domainbed", "imagenet"])
+@pytest.mark.parametrize("name", ["quickstart", "embedded", "domainbed", "domainbed_b2n", "imagenet"])
 def test_shipped_sweeps_expand(name):
     """Every job of the shipped sweeps validates (their data need not be here for that)."""
     from pathlib import Path
@@ -321,6 +341,13 @@ def test_shipped_sweeps_expand(name):
             m: 22 * 20 * 3 for m in sw.methods if m != "zeroshot"}
         assert {j.cfg.train.steps for j in jobs} == {5000}
         assert {(j.cfg.model.name, j.cfg.model.pretrained) for j in jobs} == {("ViT-B-16", "openai")}
+    if name == "domainbed_b2n":  # domainbed.yaml with CoOp's base-to-novel class split, in its own folder
+        parent = S.expand(S.load_sweep(path.parent / "domainbed.yaml"), "domainbed", check_data=False)
+        assert sw.output == "runs/domainbed_b2n" and {j.cfg.data.classes for j in jobs} == {"base_to_novel"}
+        assert sorted((j.cfg.method, j.cfg.data.dataset, j.cfg.data.test_domains, j.draw, j.cfg.trial_seed)
+                      for j in jobs) == sorted((j.cfg.method, j.cfg.data.dataset, j.cfg.data.test_domains, j.draw,
+                                                j.cfg.trial_seed) for j in parent)
+        assert not {j.job_id for j in jobs} & {j.job_id for j in parent}
     if name == "quickstart":
         assert sw.output == "runs/quickstart" and {j.cfg.data.dataset for j in jobs} == {"embedded"}
     if name == "embedded":  # leave-one-domain-out over the 4 domains, 3 trials, the quick start's runs but longer
