@@ -156,12 +156,13 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
-def merge(base: Mapping, override: Mapping) -> dict:
-    """Deep-merge two plain dicts (override wins); mappings merge, everything else replaces."""
+def merge(base: Mapping, override: Mapping, replace: tuple[str, ...] = ("hparams",)) -> dict:
+    """Deep-merge two plain dicts (override wins); mappings merge, everything else replaces, and so do the
+    mappings under a key in `replace` (a run's hparams are given whole)."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "hparams":
-            out[key] = merge(out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key not in replace:
+            out[key] = merge(out[key], value, replace)
         else:
             out[key] = value
     return out

@@ -211,16 +211,7 @@ def _read_extended(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     base = _read_extended(parent_path, (*seen, path.resolve()))
     if not isinstance(base, dict):
         raise BenchError(f"{parent_path}: a sweep file must be a mapping of keys (it is extended by {path})")
-    return _merge_all(base, data)
-
-
-def _merge_all(base: Mapping, over: Mapping) -> dict:
-    """Deep merge where every mapping merges (hparams too: a variant changes one hyperparameter, not all)."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge_all(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
-            else value
-    return out
+    return C.merge(base, data, replace=())  # hparams merge too: a variant changes one, not all
 
 
 GRID_KEYS = {"method": "methods", "trial_seed": "trial_seeds", "plugins": "plugins", "data.dataset": "datasets",
