@@ -1,15 +1,18 @@
 """Typed run configuration: frozen dataclasses, validated in full when loaded.
 
-A run is described by one YAML file (or a dict from a sweep). Unknown keys and
-type mismatches fail at load time with one line naming the file, the key and
-the valid keys, before anything expensive runs.
+A run is described by one YAML file (or a dict from a sweep). Unknown keys,
+type mismatches and values out of range fail at load time with one line naming
+the file, the key and the valid keys or the fix, before anything expensive runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 200
-    batch_size: int = 64  # examples per step in total, drawn evenly from the training domains
+    batch_size: int = 64  # examples per step in total, drawn evenly from the training domains (at least one each)
     lr: float = 1e-4
     weight_decay: float = 0.1
     warmup_steps: int = 20
@@ -148,7 +151,106 @@ def from_dict(cls: type, data: Any, source: str = "config", prefix: str = "") ->
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise BenchError(f"{source}: unknown key '{prefix}{key}': {hint}valid keys: {', '.join(fields)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check = _VALIDATORS.get(cls)
+    if check is not None:  # values checked where they live, with the keys' full dotted names
+        check(obj, source, prefix)
+    return obj
+
+
+# ---- value checks: everything a config can get wrong fails at load time, not in every job ----------------
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# train.<key> -> (lower bound, strict, what the value is): every numeric training setting has a floor.
+_TRAIN_BOUNDS = {
+    "batch_size": (1, False, "examples per step, split evenly over the training domains"),
+    "lr": (0, True, "the peak learning rate (to evaluate the pretrained model as is, use method: zeroshot)"),
+    "weight_decay": (0, False, "AdamW's decoupled weight decay; 0 disables it"),
+    "warmup_steps": (0, False, "linear warmup steps; 0 disables warmup"),
+    "grad_clip": (0, False, "the max gradient norm; 0 disables clipping"),
+    "eval_every": (1, False, "steps between evaluations"),
+    "checkpoint_every": (1, False, "steps between checkpoints"),
+    "eval_batch_size": (1, False, "images per evaluation batch"),
+    "num_workers": (0, False, "DataLoader worker processes; 0 loads in the main process"),
+    "suite_every": (1, False, "evaluate data.zeroshot_suite at every k-th evaluation"),
+}
+
+
+def _below(value: float, lo: float, strict: bool) -> bool:
+    """True unless lo <= value (lo < value if strict) and value is finite (NaN and inf fail too)."""
+    return not (math.isfinite(value) and (value > lo if strict else value >= lo))
+
+
+def _check_train(t: TrainConfig, source: str, prefix: str) -> None:
+    if t.steps < 0:  # 0 is refused in bench.train.prepare for a method that trains (it knows which do)
+        raise BenchError(f"{source}: {prefix}steps: {t.steps!r} is out of range; set it at least 1 (the number of "
+                         f"optimisation steps; 0 only for a method that trains nothing, such as zeroshot)")
+    for key, (lo, strict, what) in _TRAIN_BOUNDS.items():
+        value = getattr(t, key)
+        if _below(value, lo, strict):
+            bound = f"{'greater than' if strict else 'at least'} {lo}"
+            raise BenchError(f"{source}: {prefix}{key}: {value!r} is out of range; set it {bound} ({what})")
+    if not DEVICE_PATTERN.fullmatch(t.device):
+        raise BenchError(f"{source}: {prefix}device: {t.device!r} is not a device; set auto, cpu, cuda or cuda:N")
+    if t.precision not in PRECISIONS:
+        raise BenchError(f"{source}: {prefix}precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}; "
+                         f"set one of them (auto: bf16 autocast on CUDA, fp32 on CPU)")
+
+
+def _check_data(d: DataConfig, source: str, prefix: str) -> None:
+    if not d.dataset:
+        raise BenchError(f"{source}: {prefix}dataset is empty; name a card (e.g. embedded) or give a card's path")
+    if not 0 < d.holdout_fraction < 1:
+        raise BenchError(f"{source}: {prefix}holdout_fraction: {d.holdout_fraction!r} is out of range; set it "
+                         f"between 0 and 1, both excluded (the share of each domain held out for ID validation, "
+                         f"DomainBed: 0.2)")
+    if d.classes not in CLASS_SPLITS:
+        raise BenchError(f"{source}: {prefix}classes: {d.classes!r} is not one of {', '.join(CLASS_SPLITS)}; "
+                         f"set one of them")
+    if not d.test_domains:
+        raise BenchError(f"{source}: {prefix}test_domains is empty; name at least one held-out domain")
+
+
+@functools.lru_cache(maxsize=None)
+def _model_error(name: str) -> str | None:
+    """bench.models.model_config's message for an unknown architecture (None: known), once per name."""
+    from bench.models import model_config  # imports open_clip: only when a config is checked in full
+
+    try:
+        model_config(name)
+    except BenchError as err:
+        return str(err)
+    return None
+
+
+def _check_model(m: ModelConfig, source: str, prefix: str) -> None:
+    error = _model_error(m.name)
+    if error:
+        raise BenchError(f"{source}: {prefix}name: {error}")
+
+
+def _check_run(cfg: RunConfig, source: str, prefix: str) -> None:
+    if cfg.trial_seed < 0:
+        raise BenchError(f"{source}: {prefix}trial_seed: {cfg.trial_seed} is negative; set 0 or more")
+    bad = [a for a in cfg.wise_alphas if not 0 <= a <= 1]
+    if bad:
+        raise BenchError(f"{source}: {prefix}wise_alphas: {bad[0]!r} is outside [0, 1]; set each alpha in [0, 1] "
+                         f"(0: the zero-shot weights, 1: the fine-tuned ones)")
+
+
+# The dataclass -> its value check, run by from_dict on every instance it builds (RunConfig's own check
+# covers its top-level fields; model, data and train are checked as from_dict builds them).
+_VALIDATORS = {TrainConfig: _check_train, DataConfig: _check_data, ModelConfig: _check_model, RunConfig: _check_run}
+
+
+def validate_run_config(cfg: RunConfig, source: str = "config") -> None:
+    """Check every value of a built config (one made by from_dict already was): cheap, so that prepare can call
+    it for each of a sweep's jobs. Raises BenchError naming the source, the key and the fix."""
+    _check_model(cfg.model, source, "model.")
+    _check_data(cfg.data, source, "data.")
+    _check_train(cfg.train, source, "train.")
+    _check_run(cfg, source, "")
 
 
 def to_dict(cfg: Any) -> dict:

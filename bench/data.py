@@ -122,6 +122,12 @@ def load_card(name_or_path: str) -> DatasetCard:
     bad = [c for c in data["unseen_classes"] if c not in data["classes"]]
     if bad:
         raise BenchError(f"{path}: unseen_classes {bad} are not in classes; list them under classes too")
+    if len(set(data["unseen_classes"])) == 1:  # zero-shot among one class: the column would always read 100 %
+        raise BenchError(f"{path}: unseen_classes lists one class ({data['unseen_classes'][0]}): its zero-shot "
+                         f"column would be a one-way classification (always 100 %); list at least 2, or none")
+    if len(set(data["classes"]) - set(data["unseen_classes"])) < 2:
+        raise BenchError(f"{path}: fewer than 2 classes are left to fine-tune on (classes minus unseen_classes); "
+                         f"list at least 2 seen classes")
     bad = [t for t in data["templates"] if "{}" not in t]
     if bad:
         raise BenchError(f"{path}: template {bad[0]!r} has no '{{}}' for the class name")
@@ -598,8 +604,57 @@ def suite_evalsets(root: str | Path, names: tuple[str, ...], source: str = "conf
 
 
 def load_image(path: str) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    """The image as RGB; a missing, corrupt or truncated file is one BenchError naming it (also when a DataLoader
+    worker reads it: the error's message stays one line, see bench.errors)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BenchError(f"{path}: unreadable image ({_image_error(err)}); replace or delete it "
+                         f"(`bench datasets CARD --check --decode` lists every bad file)") from None
+
+
+def _image_error(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if str(err) else type(err).__name__
+
+
+def image_error(path: str) -> str | None:
+    """Why an image cannot be decoded in full, or None if it can (for `bench datasets --check --decode`)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as err:  # noqa: BLE001 - any failure to decode is a bad file
+        return _image_error(err)
+    return None
+
+
+def image_paths(root: str | Path, card: DatasetCard) -> list[str]:
+    """Every image file under the card's domain (set) folders that are there, sorted."""
+    out = []
+    for d in card.domains:
+        folder = domain_folder(root, card, d)
+        if folder.is_dir():
+            out += sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return out
+
+
+def decode_errors(paths: list[str], progress: bool = True, desc: str = "decode", workers: int = 0
+                  ) -> list[tuple[str, str]]:
+    """(path, reason) of every image of `paths` that does not decode in full, in order. Decoded by a thread pool
+    (PIL releases the GIL while it decodes), `workers` threads (0: one per core), in chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    bad = []
+    chunk = 1024
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool, \
+            tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for i in range(0, len(paths), chunk):
+            part = paths[i:i + chunk]
+            bad += [(p, e) for p, e in zip(part, pool.map(image_error, part)) if e is not None]
+            bar.update(len(part))
+    return bad
 
 
 def seeded_transform(transform, img: Image.Image, seed: int | None) -> torch.Tensor:
@@ -626,6 +681,19 @@ class ImageItems(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.items[index]
         return seeded_transform(self.transform, load_image(path), seed), label, index
+
+
+def iterate(loader: torch.utils.data.DataLoader) -> Iterator:
+    """Iterate a DataLoader, shutting its worker processes down as soon as iteration ends. After an error (an
+    unreadable image) the DataLoader's iterator sits in a reference cycle with the exception; left to the garbage
+    collector, its shutdown stalls ~5 s per worker at some later, unrelated moment."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # only the multi-process iterator has workers
+        if shutdown is not None:
+            shutdown()
 
 
 class StepSampler(torch.utils.data.Sampler):

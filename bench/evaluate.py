@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from bench.data import EvalSet, ImageItems, Task
+from bench.data import EvalSet, ImageItems, Task, iterate
 from bench.method import Method
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class EvalData:
     def _loader(self, es: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(ImageItems(es.items, self.transform), batch_size=self.batch_size,
                                              num_workers=self.num_workers)
-        for x, y, _ in loader:
+        for x, y, _ in iterate(loader):
             yield x, y
 
     def batches(self, i: int, es: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -63,7 +63,7 @@ def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, devic
     clip = load_clip(cfg.model.name, cfg.model.pretrained, dev)
     method = build_method(cfg.method, clip, task, dict(cfg.hparams)).to(dev)
     theta0 = method.checkpoint_state()
-    final = torch.load(run_dir / R.FINAL, map_location=dev, weights_only=False)
+    final = torch.load(run_dir / R.FINAL, map_location=dev, weights_only=True)
     data = EvalData(task, clip.preprocess_val, cfg.train.eval_batch_size, cfg.train.num_workers)
     rows = wise_rows(method, theta0, final["method"], alphas, data, final["step"], dev, autocast_for(cfg.train.precision, dev))
     names = {variant_name(a) for a in alphas}

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import text
-from bench.errors import BenchError
 from bench.losses import kl_divergence
-from bench.method import register_method
+from bench.method import check_choice, check_range, register_method
 from methods.erm import ERM
 from methods.reference import FrozenImageFeatures
 
@@ -32,10 +31,15 @@ class CARFT(ERM):
         kl_direction: str = "zs_ft"  # zs_ft = KL(p_zeroshot || p_finetuned); ft_zs = the reverse
         label_smoothing: float = 0.0
 
+    @classmethod
+    def check_hparams(cls, hparams):
+        super().check_hparams(hparams)
+        check_range(hparams, "lam", 0, what="the weight of the KL term")
+        check_range(hparams, "temperature", 0, what="0: the pretrained logit scale")
+        check_choice(hparams, "kl_direction", ("zs_ft", "ft_zs"))
+
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)
-        if hparams.kl_direction not in ("zs_ft", "ft_zs"):
-            raise BenchError(f"hparams.kl_direction must be zs_ft or ft_zs, got {hparams.kl_direction!r}")
         device = self.model.logit_scale.device
         with torch.no_grad():
             raw = text.raw_embeddings(self.encode_text, clip.tokenize, task.seen_names, self.templates, device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.method import Method, register_method
+from bench.method import Method, check_range, register_method
 
 
 class LinearHead(nn.Module):
@@ -36,6 +36,12 @@ class ERM(Method):
     @dataclass(frozen=True)
     class Hparams:
         label_smoothing: float = 0.0
+
+    @classmethod
+    def check_hparams(cls, hparams):
+        # a subclass with Hparams of its own may not have label_smoothing (docs/ADDING_A_METHOD.md's example)
+        if hasattr(hparams, "label_smoothing"):
+            check_range(hparams, "label_smoothing", 0, 1, hi_open=True, what="cross-entropy label smoothing")
 
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.method import register_method
+from bench.method import check_range, register_method
 from bench.text import encode_text_prefix
 from methods.erm import ERM
 from methods.reference import FrozenImageFeatures
@@ -36,6 +36,14 @@ class LipsumFT(ERM):
         num_texts: int = 80  # M
         text_length: int = 8  # L
         label_smoothing: float = 0.0
+
+    @classmethod
+    def check_hparams(cls, hparams):
+        super().check_hparams(hparams)
+        check_range(hparams, "lam", 0, what="the weight of the regulariser")
+        check_range(hparams, "num_texts", 1, what="random texts per step")
+        check_range(hparams, "text_length", 1, what="random tokens per text; the model's text context is checked "
+                                                    "when it is built")
 
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.data import ImageItems
-from bench.errors import BenchError
-from bench.method import register_method
+from bench.method import check_range, register_method
 from methods.erm import ERM
 
 
@@ -51,11 +50,14 @@ class LPFT(ERM):
         lp_max_iter: int = 200  # L-BFGS iterations
         label_smoothing: float = 0.0
 
+    @classmethod
+    def check_hparams(cls, hparams):
+        super().check_hparams(hparams)
+        check_range(hparams, "lp_l2", 0, what="the probe's L2 weight")
+        check_range(hparams, "lp_max_iter", 1, what="L-BFGS iterations")
+
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)
-        if hparams.lp_l2 < 0 or hparams.lp_max_iter < 1:
-            raise BenchError(f"hparams.lp_l2 must be >= 0 and hparams.lp_max_iter >= 1, got {hparams.lp_l2}, "
-                             f"{hparams.lp_max_iter}")
         features, labels = self.probe_features(clip)
         weight, bias = fit_linear_probe(features, labels, self.head.weight, self.head.bias, hparams.lp_l2,
                                         hparams.lp_max_iter)

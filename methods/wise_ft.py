@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.losses import interpolate
-from bench.method import register_method
+from bench.method import check_range, register_method
 from methods.erm import ERM
 
 
@@ -25,11 +25,13 @@ class WiSEFT(ERM):
         alpha: float = 0.5  # 0 = the zero-shot model, 1 = the fine-tuned one (wise-ft's CLI default is 0.5)
         label_smoothing: float = 0.0
 
+    @classmethod
+    def check_hparams(cls, hparams):
+        super().check_hparams(hparams)
+        check_range(hparams, "alpha", 0, 1, what="0: the zero-shot model, 1: the fine-tuned one")
+
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)
-        if not 0.0 <= hparams.alpha <= 1.0:
-            from bench.errors import BenchError
-            raise BenchError(f"hparams.alpha must lie in [0, 1], got {hparams.alpha}")
         # theta_0: the zero-shot weights of everything that trains (kept as buffers, never trained).
         self._theta0 = {n: p.detach().clone() for n, p in self.trainable_parameters()}
 

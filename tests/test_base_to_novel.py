@@ -52,9 +52,8 @@ def test_split_is_part_of_the_identity_and_default_ids_stay():
     ("pacs", "novel_only", "is not one of card, base_to_novel"),
 ])
 def test_refusals_name_the_key(dataset, classes, pattern):
-    cfg = C.from_dict(C.RunConfig, {"data": {"dataset": dataset, "test_domains": [], "classes": classes}})
-    with pytest.raises(BenchError, match=pattern) as err:
-        prepare(cfg, "x.yaml")
+    with pytest.raises(BenchError, match=pattern) as err:  # an unknown split already fails at load (from_dict)
+        prepare(C.from_dict(C.RunConfig, {"data": {"dataset": dataset, "classes": classes}}, "x.yaml"), "x.yaml")
     assert str(err.value).startswith("x.yaml: data.classes") and "\n" not in str(err.value)
 
 
