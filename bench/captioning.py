@@ -224,6 +224,16 @@ def greedy_decode(model: torch.nn.Module, images: torch.Tensor, seq_len: int = 3
     batch = images.shape[0]
     out = torch.full((batch, 1), _SOT_ID, dtype=torch.long, device=images.device)
     done = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    # Only the last position's logits are used: the decoder is causal, so its final norm output is cut to that
+    # position before the projection onto the 49,408-token vocabulary (the bulk of a step's work otherwise).
+    last_only = model.text_decoder.ln_final.register_forward_hook(lambda module, args, output: output[:, -1:])
+    try:
+        return _greedy_loop(model, images, latent, embs, out, done, seq_len, min_seq_len)
+    finally:
+        last_only.remove()
+
+
+def _greedy_loop(model, images, latent, embs, out, done, seq_len, min_seq_len) -> torch.Tensor:
     while out.shape[1] < seq_len and not bool(done.all()):
         logits = model(images, out, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1].float()
         if out.shape[1] < min_seq_len:
@@ -239,34 +249,109 @@ def greedy_decode(model: torch.nn.Module, images: torch.Tensor, seq_len: int = 3
 
 _COCA_KEYS = ("model", "pretrained", "batch_size", "decoding", "seq_len", "min_seq_len")
 _CHOICES = ("'embedded', {'file': PATH} (or 'file:PATH'), or {'coca': {'model': ..., 'pretrained': ...}} "
-            "(or 'coca' for coca_ViT-B-32/mscoco_finetuned_laion2b_s13b_b90k)")
+            "(or 'coca:MODEL/PRETRAINED', e.g. 'coca:coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k'; "
+            "'coca' alone: coca_ViT-B-32/mscoco_finetuned_laion2b_s13b_b90k)")
 
 
-def build_captioner(spec: Any, root: str | Path, device: str | torch.device = "cpu",
-                    where: str = "captioner") -> Captioner:
-    """A captioner from a config value.
+def parse_captioner(spec: Any, root: str | Path | None = None, where: str = "captioner") -> tuple[str, dict]:
+    """A captioner config value -> (kind, options), without loading anything.
 
-    spec: ``"embedded"`` (needs the embedded benchmark under ``root``); ``{"file": PATH}``, optionally
-    with ``"base"`` (the folder relative image paths are read against), or the string ``"file:PATH"``;
-    ``{"coca": {"model": ..., "pretrained": ..., "batch_size": ..., "decoding": ..., "seq_len": ...}}``
-    (every key optional) or the string ``"coca"``. ``where`` names the config key in errors.
+    kind 'embedded': {}; 'file': {"file", "base"}; 'coca': {"model", "pretrained", ...} (every coca option
+    filled in). String forms: ``embedded``, ``file:PATH``, ``coca`` (the default model and tag) and
+    ``coca:MODEL/PRETRAINED`` (PRETRAINED: an open_clip tag, ``none`` for random init, or a checkpoint path:
+    ``coca:coca_ViT-L-14/mscoco_finetuned_laion2b_s13b_b90k``, ``coca:coca_ViT-L-14//abs/coca.pt``).
+    Relative file paths (captions file, checkpoint) are read against ``root`` (the data root) when given.
     """
+    def under_root(path: str) -> str:
+        return str(Path(root) / path) if root is not None and not os.path.isabs(path) else path
+
     if spec == "embedded":
-        return EmbeddedCaptioner(root)
+        return "embedded", {}
     if spec == "coca":
         spec = {"coca": {}}
+    if isinstance(spec, str) and spec.startswith("coca:"):
+        model, sep, pretrained = spec[len("coca:"):].partition("/")
+        if not model or not sep or not pretrained:
+            raise BenchError(f"{where}: {spec!r}: write coca:MODEL/PRETRAINED, e.g. "
+                             f"coca:{DEFAULT_COCA_MODEL}/{DEFAULT_COCA_PRETRAINED} (or a checkpoint path after the /)")
+        looks_like_path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        spec = {"coca": {"model": model, "pretrained": under_root(pretrained) if looks_like_path else pretrained}}
     if isinstance(spec, str) and spec.startswith("file:"):
         spec = {"file": spec[len("file:"):]}
     if isinstance(spec, Mapping) and set(spec) in ({"file"}, {"file", "base"}) and isinstance(spec["file"], str):
-        return FileCaptioner(spec["file"], base=spec.get("base"))
+        return "file", {"file": under_root(spec["file"]), "base": spec.get("base")}
     if isinstance(spec, Mapping) and set(spec) == {"coca"} and isinstance(spec["coca"] or {}, Mapping):
         opts = dict(spec["coca"] or {})
         unknown = sorted(set(opts) - set(_COCA_KEYS))
         if unknown:
             raise BenchError(f"{where}: unknown coca option {unknown[0]!r}; valid: {', '.join(_COCA_KEYS)}")
-        return CocaCaptioner(model_name=opts.pop("model", DEFAULT_COCA_MODEL),
-                             pretrained=opts.pop("pretrained", DEFAULT_COCA_PRETRAINED), device=device, **opts)
+        pretrained = opts.get("pretrained", DEFAULT_COCA_PRETRAINED)
+        opts = {"model": DEFAULT_COCA_MODEL, "batch_size": 32, "decoding": "greedy", "seq_len": 30, "min_seq_len": 5,
+                **opts, "pretrained": None if pretrained in (None, "", "none") else pretrained}
+        return "coca", opts
     raise BenchError(f"{where}: unknown captioner {spec!r}; choose {_CHOICES}")
+
+
+def build_captioner(spec: Any, root: str | Path, device: str | torch.device = "cpu",
+                    where: str = "captioner") -> Captioner:
+    """A captioner from a config value (see :func:`parse_captioner` for the forms it takes).
+
+    ``"embedded"`` needs the embedded benchmark under ``root``; ``{"file": PATH, "base": FOLDER}`` or
+    ``"file:PATH"`` a captions file; ``{"coca": {"model", "pretrained", "batch_size", "decoding", "seq_len",
+    "min_seq_len"}}`` (every key optional), ``"coca"`` or ``"coca:MODEL/PRETRAINED"`` an open_clip CoCa on
+    ``device``. ``where`` names the config key in errors.
+    """
+    kind, opts = parse_captioner(spec, None, where)
+    if kind == "embedded":
+        return EmbeddedCaptioner(root)
+    if kind == "file":
+        return FileCaptioner(opts["file"], base=opts["base"])
+    return CocaCaptioner(model_name=opts.pop("model"), pretrained=opts.pop("pretrained"), device=device, **opts)
+
+
+# ---- CoCa weights: where open_clip keeps them, without loading them -----------------------------------------
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's HF file names
+
+
+def cached_weights(model: str, pretrained: str | None) -> str | None:
+    """The local file open_clip would load ``model``/``pretrained`` from: the path itself for a checkpoint,
+    the file in Hugging Face's or open_clip's cache for a tag (None when it is not cached). BenchError for an
+    unknown tag or a missing checkpoint path."""
+    if pretrained is None:
+        return None
+    if os.path.isfile(pretrained):
+        return pretrained
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        if "/" in pretrained or os.path.splitext(pretrained)[1]:
+            raise BenchError(f"no checkpoint file {pretrained!r}; fix the path or use an open_clip tag")
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise BenchError(f"{pretrained!r} is neither a file nor an open_clip tag of {model}; "
+                         f"known tags: {', '.join(tags) or 'none (use a checkpoint path)'}")
+    if cfg.get("file"):
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # as open_clip.pretrained.download_pretrained splits it
+        names = (filename,) if filename else HF_WEIGHT_FILES
+        for name in names:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+        return None
+    if cfg.get("url"):
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        return path if os.path.isfile(path) else None
+    return None
+
+
+def download_hint(model: str, pretrained: str) -> str:
+    return (f"download it where there is network with `python -c \"import open_clip; open_clip.create_model("
+            f"'{model}', pretrained='{pretrained}')\"` (same HF_HOME as the jobs), or run `bench prepare-anchors`, "
+            f"or give a local checkpoint path (docs/ARF.md)")
 
 
 def caption_items(captioner: Captioner, paths: Sequence[str], cache: str | Path | None = None,

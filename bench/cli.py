@@ -45,10 +45,12 @@ def cmd_methods(args) -> None:
 
 
 def cmd_datasets(args) -> None:
-    from bench.data import check_counts, list_cards, load_card
+    from bench.data import check_counts, decode_errors, image_paths, list_cards, load_card
 
-    for name in list_cards():
+    bad_images = []
+    for name in getattr(args, "cards", None) or list_cards():  # card names or paths to card YAMLs
         card = load_card(name)
+        name = card.name
         counts = check_counts(args.root, card)
         found = sum(n for n, _ in counts.values())
         expected = sum(e or 0 for _, e in counts.values())
@@ -59,6 +61,44 @@ def cmd_datasets(args) -> None:
             for d, (n, e) in counts.items():
                 flag = "" if e is None or n == e else f"  (expected {e})"
                 print(f"    {d:20s} {n}{flag}")
+        if getattr(args, "decode", False) and found:  # a full decode of every image: the files a run would fail on
+            bad = decode_errors(image_paths(args.root, card), progress=sys.stderr.isatty(), desc=f"decode {name}")
+            bad_images += bad
+            print(f"    {len(bad)} unreadable images" + "".join(f"\n    bad: {p}  ({why})" for p, why in bad))
+    if not getattr(args, "cards", None):  # the zero-shot suites' datasets, in CoOp's layouts (docs/ZEROSHOT_SUITE.md)
+        from bench.zeroshot_suite import report_lines
+        print("\n".join(report_lines(args.root, args.check)))
+    if bad_images:
+        raise BenchError(f"{len(bad_images)} unreadable images (listed above, first: {bad_images[0][0]}); replace or "
+                         f"delete them (re-download the dataset)")
+    if getattr(args, "sweep", None):
+        _report_resources(args.sweep)
+
+
+def _report_resources(path: str) -> None:
+    """bench datasets --sweep FILE: each method's own files (captioner weights, pools: Method.check_resources)."""
+    from bench import sweep as S
+
+    problems = S.check_resources(S.expand(S.load_sweep(path), path, check_data=False), path)
+    print(f"{path}: files the methods read besides the datasets")
+    for label, err in problems:
+        print(f"    {label:40s} {'ok' if err is None else 'missing: ' + err}")
+    bad = [err for _, err in problems if err]
+    if bad:
+        raise BenchError(f"{len(bad)} method configs of {path} lack files (listed above); first: {bad[0]}")
+
+
+def cmd_prepare_anchors(args) -> None:
+    from bench import anchors
+    from bench import sweep as S
+
+    sw = S.load_sweep(args.file, args.set)
+    jobs = S.select(S.expand(sw, args.file, check_data=False), args.only, args.file)
+    lines = anchors.prepare_sweep(jobs, device=args.device, progress=not args.no_progress)
+    for line in lines:
+        print(line)
+    if not lines:
+        print(f"{args.file}: no arf job selected; nothing to prepare", file=sys.stderr)
 
 
 def cmd_data(args) -> None:
@@ -213,7 +253,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("datasets", help="list dataset cards and whether their data is present")
     p.add_argument("--root", default="data")
     p.add_argument("--check", action="store_true", help="count images per domain against the card")
+    p.add_argument("cards", nargs="*", metavar="CARD", help="only these cards: names or paths to card YAMLs "
+                                                            "(default: every card in datasets/)")
+    p.add_argument("--decode", action="store_true", help="decode every image in full (PIL, with a progress bar) and "
+                                                         "list the files that fail; exits non-zero if any")
+    p.add_argument("--sweep", metavar="FILE", help="also check the files a sweep's methods read (ARF: captioner "
+                                                   "weights or captions file, image-text pool)")
     p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("prepare-anchors", help="caption the images, index and embed the pool, retrieve: once for "
+                                               "every ARF job of a sweep (docs/ARF.md)")
+    p.add_argument("file")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE", help="as for `bench sweep`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for `bench sweep`")
+    p.add_argument("--device", help="default: each job's train.device (auto: cuda if there is one)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare_anchors)
 
     p = sub.add_parser("data", help="generate the embedded benchmark")
     p.add_argument("dataset", nargs="?", default="embedded")

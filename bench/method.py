@@ -26,6 +26,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,19 @@ class Method(nn.Module):
         self.model.requires_grad_(False)
         self.logit_scale_init = float(self.model.logit_scale.exp().item())
         self.templates = list(task.templates)
+
+    @classmethod
+    def check_hparams(cls, hparams: Any) -> None:
+        """Reject hparam values the method cannot use (a closed set of choices, a range), before any model is
+        built: raise BenchError('hparams.<key>: <value> ...; <fix>') (check_choice and check_range help).
+        Called by resolve_hparams, so `bench run`, prepare and sweep expansion all check. Default: nothing."""
+
+    @classmethod
+    def check_resources(cls, hparams: Any, cfg: Any) -> None:
+        """Check that the files this method reads besides the dataset (a captioner's weights, an image-text pool)
+        are there, before launch: raise BenchError('hparams.<key>: <path> not found; <how to get it>').
+        Called by `bench sweep` (bench.sweep.check_resources: once per distinct method, hparams and data root)
+        and `bench datasets --check --sweep`. cfg: the run's RunConfig. Default: nothing."""
 
     # ---- what trains ----------------------------------------------------------------------
     def train_only(self, *modules: nn.Module | nn.Parameter) -> None:
@@ -127,7 +141,30 @@ class Method(nn.Module):
 
 def resolve_hparams(method: str, hparams: dict | None, source: str = "config") -> Any:
     cls = METHODS.get(method)
-    return from_dict(cls.Hparams, hparams or {}, source, prefix="hparams.")
+    resolved = from_dict(cls.Hparams, hparams or {}, source, prefix="hparams.")
+    try:
+        cls.check_hparams(resolved)
+    except BenchError as err:
+        raise BenchError(f"{source}: {err}") from None
+    return resolved
+
+
+def check_choice(hparams: Any, key: str, choices: tuple) -> None:
+    """For check_hparams: hparams.<key> must be one of `choices`."""
+    value = getattr(hparams, key)
+    if value not in choices:
+        raise BenchError(f"hparams.{key}: {value!r} is not one of {', '.join(map(str, choices))}; set one of them")
+
+
+def check_range(hparams: Any, key: str, lo: float | None = None, hi: float | None = None, hi_open: bool = False,
+                what: str = "") -> None:
+    """For check_hparams: lo <= hparams.<key> <= hi (< hi if hi_open); None: unbounded. NaN and inf fail."""
+    value = getattr(hparams, key)
+    ok = (lo is None or value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))
+    if not (ok and math.isfinite(value)):
+        rng = (f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}" if lo is not None and hi is not None
+               else f"at least {lo:g}" if lo is not None else f"at most {hi:g}")
+        raise BenchError(f"hparams.{key}: {value!r} is out of range; set it {rng}{f' ({what})' if what else ''}")
 
 
 def build_method(name: str, clip: Clip, task: Task, hparams: dict | None, source: str = "config") -> Method:

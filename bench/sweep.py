@@ -134,10 +134,13 @@ class Job:
     @property
     def record(self) -> dict:
         """What <run>/config.json holds (the trainer's format, plus the sweep and draw it came from)."""
+        from bench.models import pretrained_sha256  # cached per file version: hashed once per sweep, not per job
+
         meta = dict(self.meta)
         name = meta.pop("sweep_name", None)
         return {"job_id": self.job_id, "config": C.to_dict(self.cfg), "hparams": self.hparams, "seed": self.seed,
-                "protocol_version": C.PROTOCOL_VERSION, **meta, "sweep": {"name": name, "draw": self.draw}}
+                "protocol_version": C.PROTOCOL_VERSION, **meta, "sweep": {"name": name, "draw": self.draw},
+                "pretrained_sha256": pretrained_sha256(self.cfg.model.name, self.cfg.model.pretrained)}
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -165,6 +168,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if sweep.search.draw_0 not in ("defaults", "random"):
         raise BenchError(f"{source}: search.draw_0 must be defaults (draw 0 keeps the configured values) or random, "
                          f"got {sweep.search.draw_0!r}")
+    for key, what in (("name", "the sweep's name, e.g. quickstart"), ("output", "the folder of its job folders, "
+                                                                                 "e.g. runs/quickstart")):
+        if not getattr(sweep, key).strip():
+            raise BenchError(f"{source}: {key} is empty; set it ({what})")
+    bad = [s for s in sweep.trial_seeds if s < 0]
+    if bad:
+        raise BenchError(f"{source}: trial_seeds: {bad[0]} is negative; list seeds of 0 or more")
     for key in ("methods", "datasets", "trial_seeds"):
         values = getattr(sweep, key)
         if not values:
@@ -424,7 +434,10 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
                 d["plugins"] = plugins
                 d = _set_dotted(d, "data.root", str(Path((d.get("data") or {}).get("root", "data")).resolve()))
                 # Validated once per draw; held-out domains and trial seeds (checked above) only replace fields.
-                cfg0 = C.from_dict(C.RunConfig, d, source)
+                try:
+                    cfg0 = C.from_dict(C.RunConfig, d, source)
+                except BenchError as err:
+                    raise _drawn(err, values, draw, method) from None
                 if (dataset, cfg0.data.root) not in checked_roots and check_data:
                     _check_data(card, cfg0.data.root, dataset, {d for ds in domain_sets for d in ds}, source)
                     checked_roots.add((dataset, cfg0.data.root))
@@ -432,12 +445,52 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
                     data = dataclasses.replace(cfg0.data, test_domains=tuple(test_domains))
                     for trial_seed in sweep.trial_seeds:
                         cfg = dataclasses.replace(cfg0, data=data, trial_seed=trial_seed)
-                        prep = prepare(cfg, source, card=card)
+                        try:
+                            prep = prepare(cfg, source, card=card)
+                        except BenchError as err:
+                            raise _drawn(err, values, draw, method) from None
                         if prep.job_id in jobs:
                             continue  # two draws that agree (a choice space, or a method that ignores a key)
                         jobs[prep.job_id] = Job(cfg, prep.job_id, output / prep.job_id, draw, trains,
                                                 hparams_dict(prep.hparams), prep.seed, meta)
+    if check_data:
+        problems = check_resources(list(jobs.values()), source, first_only=True)
+        if problems:
+            raise BenchError(problems[0][1])
     return list(jobs.values())
+
+
+def check_resources(jobs: list[Job], source: str = "sweep", first_only: bool = False) -> list[tuple[str, str | None]]:
+    """Method.check_resources of every distinct (method, hparams, data root) of these jobs, not once per job:
+    [(what was checked, the one-line error or None)]."""
+    from bench.method import METHODS, resolve_hparams
+
+    out, seen = [], set()
+    for job in jobs:
+        ident = (job.cfg.method, C.stable_hash(job.hparams), job.cfg.data.root)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        cls = METHODS.get(job.cfg.method)
+        label = f"{job.cfg.method} (draw {job.draw}, {job.cfg.data.dataset})"
+        try:
+            cls.check_resources(resolve_hparams(job.cfg.method, job.hparams, source), job.cfg)
+        except BenchError as err:
+            out.append((label, f"{source}: methods: {job.cfg.method}: {err}"))
+            if first_only:
+                break
+            continue
+        out.append((label, None))
+    return [o for o in out if o[1] is not None] if first_only else out
+
+
+def _drawn(err: BenchError, values: dict, draw: int, method: str) -> BenchError:
+    """An error of a drawn config says so (the value came from the search space, not from the file's keys)."""
+    if not values:
+        return err
+    named = {k: v for k, v in values.items() if k in str(err)} or values  # the drawn keys the error is about
+    drawn = ", ".join(f"{k}={v!r}" for k, v in sorted(named.items()))
+    return BenchError(f"{err} [draw {draw} of method {method}: {drawn} came from the search space: narrow its range]")
 
 
 def _versions() -> dict:

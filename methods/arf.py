@@ -22,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import embedded
-from bench.captioning import build_captioner, caption_items
-from bench.config import stable_hash
+from bench import anchors, embedded
+from bench.captioning import parse_captioner
 from bench.errors import BenchError
 from bench.losses import contrastive_loss
-from bench.method import register_method
-from bench.retrieval import PairItems, PairPool, embed_pool, retrieve_for_task
+from bench.method import check_choice, check_range, register_method
+from bench.retrieval import BY, PairItems, PairPool
 from methods.flyp import FLYP
 
 log = logging.getLogger(__name__)
@@ -40,20 +39,10 @@ def embedded_corpus_pool(root: Path, n: int, seed: int) -> PairPool:
     """The embedded caption corpus (the tiny CLIP's pretraining data) as a pool, drawn once and cached."""
     path = root / f"embedded-corpus-s{seed}-n{n}-v{embedded.GENERATOR_VERSION}.npz"
     if not path.is_file():
-        embedded.save_corpus(path, embedded.generate_corpus(n, seed, progress=True))
+        with anchors.file_lock(path):  # drawn once when jobs start together
+            if not path.is_file():
+                embedded.save_corpus(path, embedded.generate_corpus(n, seed, progress=True))
     return PairPool.from_embedded_corpus(path)
-
-
-def load_pool(spec: str, root: Path, n: int, seed: int) -> PairPool:
-    if spec == "embedded":
-        return embedded_corpus_pool(root, n, seed)
-    path = Path(spec)
-    if path.is_dir():
-        return PairPool.from_folder(path)
-    if path.suffix.lower() in (".csv", ".tsv", ".parquet"):
-        return PairPool.from_table(path)
-    raise BenchError(f"hparams.pool: {spec!r} is not 'embedded', a folder of image + .txt pairs, or a "
-                     f"CSV/Parquet table of (image, caption); fix the path")
 
 
 @register_method("arf")
@@ -64,39 +53,61 @@ class ARF(FLYP):
         retrieval_anchors: bool = True
         lam_caption: float = 1.0
         lam_retrieval: float = 1.0
-        captioner: str = "embedded"  # embedded | file:PATH (JSONL of path -> caption) | coca
-        pool: str = "embedded"  # embedded (the pretraining corpus) | a folder | a CSV/Parquet table
+        # embedded | file:PATH (JSONL of path -> caption) | coca:MODEL/PRETRAINED (an open_clip CoCa: tag or
+        # checkpoint path) on the run's device; relative paths are read against data.root (docs/ARF.md)
+        captioner: str = "embedded"
+        # embedded (the pretraining corpus) | a folder (img2dataset output: files or webdataset shards, or
+        # image + .txt pairs) | a CSV/Parquet table; relative paths are read against data.root
+        pool: str = "embedded"
         pool_size: int = 20000  # embedded pool only
         pool_seed: int = 1  # embedded pool only: the seed of the shipped tiny CLIP's pretraining corpus
         top_k: int = 2000
         retrieval_batch: int = 32
         retrieve_by: str = "text"  # score pool pairs by their caption (text), image, or both embeddings
 
+    @classmethod
+    def check_hparams(cls, hparams):
+        super().check_hparams(hparams)
+        check_range(hparams, "lam_caption", 0, what="the weight of the caption anchors' loss")
+        check_range(hparams, "lam_retrieval", 0, what="the weight of the retrieved anchors' loss")
+        check_range(hparams, "pool_size", 1, what="pairs in the embedded pool")
+        check_range(hparams, "top_k", 1, what="anchor pairs retrieved")
+        check_range(hparams, "retrieval_batch", 1, what="anchor pairs per step")
+        check_choice(hparams, "retrieve_by", BY)
+        cap = hparams.captioner
+        if cap not in ("embedded", "coca") and not (cap.startswith("file:") and cap[len("file:"):].strip()):
+            parse_captioner(cap, where="hparams.captioner")  # coca:MODEL/PRETRAINED, or a one-line error
+        if not hparams.pool:
+            raise BenchError("hparams.pool is empty; set embedded, a folder of image + .txt pairs, or a "
+                             "CSV/Parquet table of (image, caption)")
+
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)
         device = self.model.logit_scale.device
         root = Path(task.root)
+        # Captions and retrieved pairs come from content-keyed caches shared by every job of a sweep
+        # (bench/anchors.py; `bench prepare-anchors SWEEP` fills them before launch).
         if hparams.caption_anchors:
             paths = [p for p, _ in task.train_items()]
-            captioner = build_captioner(hparams.captioner, root, device=device, where="hparams.captioner")
-            cache = root / ".rft-cache" / f"captions-{stable_hash([captioner.name, task.card.name])}.jsonl"
-            captions = caption_items(captioner, paths, cache=None if hparams.captioner == "embedded" else cache)
+            captions = anchors.captions_for(hparams.captioner, task.card, root, paths, device=device)
             # caption_tokens[i]: the caption of training item i (batch["index"] indexes task.train_items()).
-            self.register_buffer("caption_tokens", clip.tokenize([captions[p] for p in paths]).to(device),
-                                 persistent=False)
+            self.register_buffer("caption_tokens", clip.tokenize(captions).to(device), persistent=False)
         if hparams.retrieval_anchors:
-            pool = load_pool(hparams.pool, root, hparams.pool_size, hparams.pool_seed)
-            with torch.no_grad():  # retrieval with the zero-shot model, before any training
-                image_emb, text_emb = embed_pool(clip, pool, clip.preprocess_val, cache=root / ".rft-cache")
-                self.retrieved = retrieve_for_task(clip, task.seen_names, self.templates, image_emb, text_emb,
-                                                   min(hparams.top_k, len(pool)), by=hparams.retrieve_by)
-            self.anchor_items = PairItems(pool, clip.preprocess_val, self.retrieved)
+            spec = anchors.RetrievalSpec(hparams.pool, hparams.pool_size, hparams.pool_seed, hparams.top_k,
+                                         hparams.retrieve_by)
+            # retrieval with the zero-shot model, before any training
+            self.retrieved, pairs = anchors.retrieved_pairs(spec, clip, task.seen_names, self.templates, root)
+            self.anchor_items = PairItems(pairs, clip.preprocess_val)
             # The anchors' captions, tokenized once; their images (eval transform: deterministic) are kept once
             # transformed, up to ANCHOR_CACHE_BYTES.
-            self.register_buffer("anchor_tokens", clip.tokenize([pool.caption(int(i)) for i in self.anchor_items.indices])
-                                 .to(device), persistent=False)
+            self.register_buffer("anchor_tokens", clip.tokenize(list(pairs.captions)).to(device), persistent=False)
             self._anchor_images: dict[int, torch.Tensor] = {}
-            log.info("ARF: %d anchor pairs retrieved from %s", len(self.retrieved), pool)
+            log.info("ARF: %d anchor pairs retrieved (%s)", len(pairs), pairs.source)
+
+    @classmethod
+    def check_resources(cls, hparams, cfg) -> None:
+        """The captioner's weights or captions file and the pool must be on disk (docs/ARF.md)."""
+        anchors.check_arf_resources(hparams, cfg.data.root)
 
     def anchor_image(self, i: int) -> torch.Tensor:
         x = self._anchor_images.get(i)
