@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +86,46 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256
+
+
+def cached_sha256(path: str | Path) -> str:
+    """sha256_file, computed once per file version in this process (a multi-GB checkpoint takes seconds to hash,
+    and a sweep records it in every job's config.json): keyed by (real path, size, modification time)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = sha256_file(real)
+    return _SHA256_CACHE[key]
+
+
+def pretrained_file(name: str, pretrained: str | None) -> str | None:
+    """The local file `model.pretrained` loads weights from: the shipped file, the path itself, or for an
+    open_clip tag the file in Hugging Face's or open_clip's cache. None for random init, a tag not downloaded
+    yet, or a value that names nothing (load_clip reports that one)."""
+    if pretrained in (None, "", "none"):
+        return None
+    if (name, pretrained) in SHIPPED:
+        path = SHIPPED[(name, pretrained)]
+        return str(path) if path.is_file() else None
+    if os.path.isfile(pretrained):
+        return pretrained
+    from bench.captioning import cached_weights
+
+    try:
+        return cached_weights(name, pretrained)
+    except BenchError:
+        return None
+
+
+def pretrained_sha256(name: str, pretrained: str | None) -> str | None:
+    """sha256 of the weights `model.pretrained` loads (what a run's config.json records as pretrained_sha256);
+    None where there is no file (random init, a tag not downloaded yet)."""
+    path = pretrained_file(name, pretrained)
+    return cached_sha256(path) if path else None
+
+
 def save_checkpoint(model: torch.nn.Module, name: str, path: str | Path, meta: dict[str, Any] | None = None,
                     dtype: torch.dtype = torch.float32) -> str:
     """Write a checkpoint that records its architecture; returns its sha256. Atomic."""
@@ -109,6 +151,64 @@ def read_checkpoint(path: str | Path) -> dict:
         raise BenchError(f"{path}: not a readable checkpoint ({type(err).__name__}); re-download or re-create it") from None
 
 
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's state dicts
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """A TorchScript archive (how OpenAI released CLIP: torch.jit.save of the model), told by its constants.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_foreign_state_dict(path: str | Path, payload: Any = None) -> tuple[dict, str]:
+    """The state dict of a checkpoint not in this project's format, and its format: 'openai' (OpenAI's release,
+    a TorchScript archive or its state dict, with OpenAI's int entries input_resolution, context_length and
+    vocab_size, which are dropped here) or 'open_clip' (a state dict, or {"state_dict": ...} with "module."
+    prefixes as open_clip's trainer writes them). payload: the file's torch.load, if already read.
+    open_clip 3.3's own create_model(pretrained=<path>) cannot read the TorchScript ones: it calls
+    torch.load(weights_only=True), which refuses TorchScript archives (its load_openai_model reads them)."""
+    if payload is None and is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+                state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        except Exception as err:  # noqa: BLE001 - any unreadable archive gets the same one-line answer
+            raise BenchError(f"{path}: not a readable TorchScript checkpoint ({type(err).__name__}); "
+                             f"re-download it") from None
+        fmt = "openai"
+    else:
+        payload = read_checkpoint(path) if payload is None else payload
+        state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+        if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+            raise BenchError(f"{path}: holds no state dict of tensors (found {type(payload).__name__}); give a CLIP "
+                             f"checkpoint (open_clip's, OpenAI's or this project's)")
+        if all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        fmt = "openai" if any(k in state for k in OPENAI_EXTRA_KEYS) else "open_clip"
+    for key in OPENAI_EXTRA_KEYS:
+        state.pop(key, None)
+    return state, fmt
+
+
+def _load_weights(model: torch.nn.Module, state: dict, name: str, path: str) -> None:
+    """Load `state` (any float dtype: OpenAI's are partly fp16) into `model` as fp32; every key and shape must
+    match, else one line naming the first differences."""
+    own = model.state_dict()
+    if "logit_scale" in state and "logit_scale" in own and state["logit_scale"].numel() == own["logit_scale"].numel():
+        state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)  # scalar vs 1-d (open_clip)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise BenchError(f"{path}: weights do not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]}"
+                         f"{', shapes ' + str(shapes[:2]) if shapes else ''}); use the checkpoint's own architecture")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+
+
 def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str, str | None]:
     """-> (kind, value): kind is 'none', 'project' (our format), 'file' (any other file) or 'tag'."""
     if pretrained in (None, "", "none"):
@@ -118,7 +218,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str, str | N
         if not path.is_file():
             raise BenchError(f"shipped weights {path} are missing; restore them with `git checkout -- {path}` "
                              f"or re-create them with `bench pretrain`")
-        if sha256_file(path) != SHIPPED_SHA256[(name, pretrained)]:
+        if cached_sha256(path) != SHIPPED_SHA256[(name, pretrained)]:
             raise BenchError(f"shipped weights {path} are not the released ones (sha256 differs); restore them with "
                              f"`git checkout -- {path}`, or set model.pretrained to the file's path to use it anyway")
         return "project", str(path)
@@ -142,24 +242,37 @@ def load_clip(name: str, pretrained: str | None = None, device: str | torch.devi
     """Build `name` (an open_clip architecture) with weights from `pretrained`.
 
     pretrained: None (random init), an open_clip tag such as 'openai' (fetched by open_clip),
-    'embedded' for the project's shipped tiny CLIP, or a checkpoint path (this project's
-    format, whose recorded architecture must match `name`, or any open_clip state dict).
+    'embedded' for the project's shipped tiny CLIP, or a checkpoint path: this project's
+    format (whose recorded architecture must match `name`), an open_clip state dict (plain or
+    {"state_dict": ...}, "module." prefixes allowed; safetensors and big_vision .npz go through
+    open_clip), or OpenAI's release (a TorchScript .pt, fp16: `name` must use QuickGELU, e.g.
+    ViT-B-16-quickgelu). Every key and shape must fit `name`.
     """
     cfg = model_config(name)
     kind, value = _resolve_pretrained(name, pretrained)
-    payload = None
-    if kind in ("project", "file"):
-        payload = read_checkpoint(value)
-        if not (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
-            payload = None  # a plain open_clip state dict: open_clip loads it
-        elif payload["arch"] != name or payload["model_cfg"] != cfg:
-            raise BenchError(
-                f"{value}: checkpoint was saved for architecture {payload['arch']!r}"
-                f"{' with another config' if payload['arch'] == name else ''}, not {name!r}; "
-                f"set model.name: {payload['arch']} (or use a checkpoint of {name})")
+    state = None  # weights read here; None: open_clip reads them (a tag; safetensors and numpy files)
+    if kind == "file" and Path(value).suffix.lower() in (".safetensors", ".npz", ".npy"):
+        pass
+    elif kind in ("project", "file"):
+        payload = None if is_torchscript(value) else read_checkpoint(value)
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            if payload["arch"] != name or payload["model_cfg"] != cfg:
+                raise BenchError(
+                    f"{value}: checkpoint was saved for architecture {payload['arch']!r}"
+                    f"{' with another config' if payload['arch'] == name else ''}, not {name!r}; "
+                    f"set model.name: {payload['arch']} (or use a checkpoint of {name})")
+            state = dict(payload["state_dict"])
+        else:
+            state, fmt = read_foreign_state_dict(value, payload)
+            if fmt == "openai" and not cfg.get("quick_gelu"):  # open_clip #771: GELU would load without a word
+                quick = f"{name}-quickgelu"
+                fix = (f"set model.name: {quick}" if open_clip.get_model_config(quick) is not None
+                       else "use a model config with quick_gelu: true")
+                raise BenchError(f"{value}: OpenAI's CLIP weights were trained with QuickGELU, and {name} uses GELU; "
+                                 f"{fix}")
     try:
         with _quiet_root_warnings():
-            model = open_clip.create_model(name, pretrained=value if (kind in ("tag", "file") and payload is None)
+            model = open_clip.create_model(name, pretrained=value if (kind in ("tag", "file") and state is None)
                                            else None, device="cpu")
     except BenchError:
         raise
@@ -170,12 +283,8 @@ def load_clip(name: str, pretrained: str | None = None, device: str | torch.devi
                 f"could not fetch pretrained weights {name}/{pretrained} ({reason}); download them where there is "
                 f"network and set model.pretrained to the local file path") from None
         raise BenchError(f"could not load {name} with pretrained={pretrained!r}: {reason}") from None
-    if payload is not None:
-        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BenchError(f"{value}: weights do not fit {name} (missing {list(missing)[:3]}, "
-                             f"unexpected {list(unexpected)[:3]}); use the checkpoint's own architecture")
+    if state is not None:
+        _load_weights(model, state, name, value)
     model.to(device)
     model.eval()
     train_tf, val_tf = _transforms(model)

@@ -24,12 +24,12 @@ import torch
 
 from bench import config as C
 from bench import results as R
-from bench.data import (DatasetCard, ImageItems, StepSampler, Task, build_task, ensure_generated, load_card,
+from bench.data import (DatasetCard, ImageItems, StepSampler, Task, build_task, ensure_generated, iterate, load_card,
                         split_classes, suite_evalsets)
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
 from bench.method import METHODS, build_method, hparams_dict, load_builtin_methods, load_plugin, resolve_hparams
-from bench.models import load_clip
+from bench.models import load_clip, pretrained_sha256
 from bench.wise import wise_rows
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,16 @@ def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None =
     """Validate a config in full (plugins, method, hparams, dataset card, domains) and compute its id.
 
     card: the already-loaded card of cfg.data.dataset (a sweep prepares thousands of jobs per card)."""
+    C.validate_run_config(cfg, source)  # a few comparisons (the model name is looked up once per name)
     load_builtin_methods()
     for plugin in cfg.plugins:
         load_plugin(plugin)
     if cfg.method not in METHODS:
         raise BenchError(f"{source}: method: {METHODS.unknown_message(cfg.method)}")
     hparams = resolve_hparams(cfg.method, dict(cfg.hparams), source)
+    if cfg.train.steps < 1 and METHODS.get(cfg.method).trains:
+        raise BenchError(f"{source}: train.steps: {cfg.train.steps} is out of range; set it at least 1 (method "
+                         f"{cfg.method} trains; method: zeroshot evaluates the pretrained model without training)")
     try:
         card = card or load_card(cfg.data.dataset)
     except BenchError as err:
@@ -140,10 +144,22 @@ def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None =
     if bad:
         raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a domain of {card.name}; "
                          f"its domains are {', '.join(card.domains)}")
+    _check_batch(cfg, card, source)
     ident = C.identity(cfg)
     ident["hparams"] = hparams_dict(hparams)
     seed = C.seed_hash("train", ident)
     return Prepared(cfg, hparams, C.stable_hash(ident), seed, source)
+
+
+def _check_batch(cfg: C.RunConfig, card: DatasetCard, source: str) -> None:
+    """Each step draws batch_size // n images from each of the n training domains (StepSampler): a batch smaller
+    than n would leave some domain out of every step, so it is refused (as is holding out every domain)."""
+    n = 1 if card.protocol == "shift" else len(set(card.domains) - set(cfg.data.test_domains))
+    if n == 0:
+        raise BenchError(f"{source}: data.test_domains holds every domain of {card.name}; leave one to train on")
+    if cfg.train.batch_size < n:
+        raise BenchError(f"{source}: train.batch_size: {cfg.train.batch_size} is fewer than the {n} training domains "
+                         f"of {card.name} (each step draws batch_size / {n} images from each); set it to at least {n}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,6 +200,7 @@ def _write_config(run_dir: Path, prep: Prepared) -> None:
               "torch": torch.__version__, "python": platform.python_version()}
     path = run_dir / R.CONFIG
     if not path.is_file():
+        record["pretrained_sha256"] = pretrained_sha256(prep.cfg.model.name, prep.cfg.model.pretrained)
         R.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
 
 
@@ -220,7 +237,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     start = 0
     ckpt_path = run_dir / R.CHECKPOINT
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain values only
         method.load_checkpoint_state(ckpt["method"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -251,7 +268,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     bar = _progress(progress and steps > 0, total=steps, initial=start, desc=f"{cfg.method} {run_dir.name[:8]}")
     method.train()
     losses, t_last, n_last = [], time.perf_counter(), 0
-    for step, (x, y, idx) in enumerate(loader, start=start):
+    for step, (x, y, idx) in enumerate(iterate(loader), start=start):
         torch.manual_seed(C.seed_hash(prep.seed, step))  # every random draw of this step depends on (seed, step)
         batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device), "index": idx,
                  "domains": domain_of[idx].to(device), "step": step,
