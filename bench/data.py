@@ -22,10 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
-from bench.config import seed_hash
+from bench.config import read_yaml, seed_hash
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -95,10 +94,7 @@ def load_card(name_or_path: str) -> DatasetCard:
                              f"(or give a path to a card YAML)")
     elif not path.is_file():
         raise BenchError(f"{path}: no such dataset card; check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BenchError(f"{path}: malformed YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise BenchError(f"{path}: a dataset card must be a mapping of keys")
     unknown = set(data) - _CARD_KEYS

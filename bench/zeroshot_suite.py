@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.config import read_yaml
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,7 @@ def load_zeroshot_card(name_or_path: str) -> ZeroshotCard:
 @functools.lru_cache(maxsize=64)
 def _load_card(path_text: str, _mtime: int) -> ZeroshotCard:
     path = Path(path_text)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise BenchError(f"{path}: malformed YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise BenchError(f"{path}: a zero-shot card must be a mapping of keys")
     unknown = sorted(set(data) - _CARD_KEYS)

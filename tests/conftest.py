@@ -31,11 +31,12 @@ def tiny_config(root: Path, **over):
                    "checkpoint_every": 2, "eval_batch_size": 64}}
     for key, value in over.items():
         d = C.merge(d, C.parse_override(f"{key}={value}") if not isinstance(value, (dict, list)) else
-                    _nest(key, value))
+                    nest(key, value))
     return C.from_dict(C.RunConfig, d, "test")
 
 
-def _nest(key, value):
+def nest(key, value):
+    """'train.steps', 3 -> {'train': {'steps': 3}}."""
     out = node = {}
     parts = key.split(".")
     for p in parts[:-1]:

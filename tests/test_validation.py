@@ -12,7 +12,7 @@ from bench.cli import main
 from bench.data import load_card
 from bench.errors import BenchError
 from bench.method import METHODS, load_builtin_methods, resolve_hparams
-from tests.conftest import tiny_config
+from tests.conftest import nest, tiny_config
 
 TINY_TRAIN = {"steps": 6, "batch_size": 12, "lr": 1e-3, "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 2,
               "eval_batch_size": 64}
@@ -58,15 +58,6 @@ BAD = [
 ]
 
 
-def _nest(key, value):
-    out = node = {}
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
 def _case_id(case):
     key, value, method, _ = case
     return f"{method}-{key}={value}"
@@ -100,7 +91,7 @@ def work(tmp_path, monkeypatch, embedded_root):
 def _run_config(root, key, value, method):
     d = C.merge({"method": method, "model": {"name": "TinyCLIP-32", "pretrained": str(root / "tiny.pt")},
                  "data": {"dataset": "embedded", "root": str(root), "test_domains": ["sketch"]}, "train": TINY_TRAIN},
-                _nest(key, value))
+                nest(key, value))
     return d
 
 
@@ -114,9 +105,9 @@ def _sweep(root, tmp_path, key=None, value=None, method="erm", **top):
     if key == "trial_seed":
         d["trial_seeds"] = [value]
     elif key and key.startswith("hparams."):
-        d["overrides"] = {"methods": {method: _nest(key, value)}}
+        d["overrides"] = {"methods": {method: nest(key, value)}}
     elif key:
-        base = C.merge(base, _nest(key, value))
+        base = C.merge(base, nest(key, value))
     d["base"] = base
     d.update(top)
     path = tmp_path / "sweep.yaml"
