@@ -57,6 +57,7 @@ class DatasetCard:
     id_test_domain: str = ""  # the ID test set (role id_test; never used for model selection)
     sets: dict = field(default_factory=dict)  # set name -> {folder, class_folders, subset, n_classes, ...}
     ood_averages: dict = field(default_factory=dict)  # average name -> shift sets it averages over
+    metrics: tuple[str, ...] = ()  # metrics logged beyond the default ones (CARD_METRICS), e.g. [macro_f1]
     source: str = ""
 
     @property
@@ -76,6 +77,7 @@ class DatasetCard:
 
 
 _CARD_KEYS = {f for f in DatasetCard.__dataclass_fields__ if f != "source"}
+CARD_METRICS = ("macro_f1",)  # what a card's `metrics` may ask for (bench.calibration computes them)
 
 
 def list_cards() -> list[str]:
@@ -113,8 +115,12 @@ def load_card(name_or_path: str) -> DatasetCard:
     for key in ("name", "folder", "domains", "classes", "templates"):
         if not data.get(key):
             raise BenchError(f"{path}: missing key {key!r}; every card needs name, folder, domains, classes, templates")
-    for key in ("domains", "classes", "templates", "unseen_classes", "default_test_domains"):
+    for key in ("domains", "classes", "templates", "unseen_classes", "default_test_domains", "metrics"):
         data[key] = tuple(data.get(key) or ())
+    bad = [m for m in data["metrics"] if m not in CARD_METRICS]
+    if bad:
+        raise BenchError(f"{path}: metrics: {bad[0]!r} is not one of {', '.join(CARD_METRICS)} (accuracy, ECE, NLL "
+                         f"and ECE after temperature scaling are always logged)")
     bad = [c for c in data["unseen_classes"] if c not in data["classes"]]
     if bad:
         raise BenchError(f"{path}: unseen_classes {bad} are not in classes; list them under classes too")

@@ -1,4 +1,4 @@
-"""ID-vs-OOD scatter: one panel per dataset; each method (mean ± standard error over trial seeds, after model
+"""ID-vs-OOD scatter (and reliability diagrams, `reliability`): one panel per dataset; each method (mean ± standard error over trial seeds, after model
 selection), the zero-shot model, and WiSE-FT curves over alpha (the variants wise:<alpha> of a method). A dataset
 with unseen classes gets a second panel beside it, ID vs unseen-class zero-shot accuracy (what fine-tuning forgets).
 
@@ -112,6 +112,92 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
                frameon=False)
     rule = K.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Selection: {rule}; mean ± standard error over trial seeds", fontsize=10.5)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_name(out.name + ".png"), out.with_name(out.name + ".pdf")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths
+
+
+def reliability_bins(coll: K.Collection, selection: str = "train_val", datasets: list[str] | None = None
+                     ) -> pd.DataFrame:
+    """Per (dataset, row label, side: ID or OOD): the rel_bins slots (bench.calibration: count, correct, confidence
+    sum per confidence bin) at the selected checkpoint, summed over trial seeds, held-out sets and domains (ID: the
+    id_val sets; OOD: the held-out domains). Methods only, no post-hoc variants. Read from the selected runs'
+    results files (the collector's rows leave the bins out)."""
+    from bench.calibration import decode_bins
+
+    u = K.units(coll)
+    chosen = K.select(coll, selection, u)
+    chosen = chosen[(chosen["variant"] == "") & (chosen["dataset"].isin(datasets) if datasets else True)]
+    paths = coll.jobs.set_index("job")["path"]
+    sums: dict[tuple[str, str, str], list[list[float]]] = {}
+    for r in chosen.itertuples(index=False):
+        held = set(r.test_set.split("+"))
+        for row in K.read_results(Path(paths[r.job]) / K.RESULTS):
+            if (row.get("metric") != "rel_bins" or row.get("step") != r.step or row.get("variant", "")
+                    or row.get("role") not in ("id_val", "ood") or (row["role"] == "ood" and row.get("domain") not in held)):
+                continue
+            key = (r.dataset, r.label, "ID" if row["role"] == "id_val" else "OOD")
+            bins = decode_bins(row["bins"])
+            sums[key] = bins if key not in sums else [[a + b for a, b in zip(x, y)] for x, y in zip(sums[key], bins)]
+    out = []
+    for (ds, label, side), (count, correct, conf) in sums.items():
+        count, correct, conf = count[:-2] + [count[-2] + count[-1]], correct[:-2] + [correct[-2] + correct[-1]], \
+            conf[:-2] + [conf[-2] + conf[-1]]  # the slot of confidence exactly 1.0 drawn in the last bin
+        total = sum(count)
+        ece = sum(abs(c - s) for c, s in zip(correct, conf)) / total if total else math.nan
+        for k, (n, c, s) in enumerate(zip(count, correct, conf)):
+            out.append({"dataset": ds, "label": label, "side": side, "bin": k, "n": n, "acc": c / n if n else math.nan,
+                        "conf": s / n if n else math.nan, "share": n / total if total else math.nan, "ece": ece})
+    return pd.DataFrame(out, columns=["dataset", "label", "side", "bin", "n", "acc", "conf", "share", "ece"])
+
+
+def reliability(coll: K.Collection, out: str | Path, selection: str = "train_val",
+                datasets: list[str] | None = None) -> list[Path]:
+    """Reliability diagrams (accuracy vs mean confidence per confidence bin), a panel per (dataset, ID / OOD), a
+    curve per method at its selected checkpoint; writes <out>.png and <out>.pdf and returns their paths."""
+    from matplotlib.figure import Figure
+
+    bins = reliability_bins(coll, selection, datasets)
+    if not len(bins):
+        raise K.BenchError(f"{coll.root}: no selected run has rel_bins rows (calibration bins, logged since issue 11) "
+                           f"under --selection {selection}; rerun the jobs, or see `bench table --metric ece_ood`")
+    panels = list(dict.fromkeys(zip(bins["dataset"], bins["side"])))
+    panels.sort(key=lambda p: (p[0], p[1] != "ID"))
+    ncol = 2 if len(panels) > 1 else 1
+    nrow = math.ceil(len(panels) / ncol)
+    fig = Figure(figsize=(5.4 * ncol + 0.6, 5.0 * nrow + 1.0), layout="constrained")
+    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    labels = sorted(dict.fromkeys(bins["label"]), key=lambda m: ({"zeroshot": 0, "erm": 1}.get(m, 2), m))
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    color = {m: "black" if m == "zeroshot" else palette[i % len(palette)] for i, m in enumerate(labels)}
+    for ax, (ds, side) in zip(axes, panels):
+        ax.plot([0, 100], [0, 100], ls="--", color="grey", lw=1, zorder=1, label="perfect calibration")
+        p = bins[(bins["dataset"] == ds) & (bins["side"] == side) & (bins["n"] > 0)]
+        for label in labels:
+            b = p[p["label"] == label].sort_values("bin")
+            if not len(b):
+                continue
+            ax.plot(100 * b["conf"], 100 * b["acc"], "-", color=color[label], lw=1.4, alpha=0.8, zorder=2,
+                    label=f"{label} (ECE {100 * b['ece'].iloc[0]:.1f})")
+            ax.scatter(100 * b["conf"], 100 * b["acc"], s=12 + 300 * b["share"], color=color[label], alpha=0.75,
+                       edgecolors="white", linewidths=0.5, zorder=3)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_aspect("equal")
+        where = "the training domains' held-out split" if side == "ID" else "the held-out domains"
+        ax.set_title(f"{ds}: {side} ({where})", fontsize=11)
+        ax.set_xlabel("mean confidence in bin (%)")
+        ax.set_ylabel("accuracy in bin (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", frameon=False)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    rule = K.SELECTIONS[selection].split(" (")[0]
+    fig.suptitle(f"Reliability: 15 confidence bins, pooled over trial seeds and domains; marker area ~ share of "
+                 f"samples; the diagonal is perfect calibration.\nSelection: {rule}", fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_name(out.name + ".png"), out.with_name(out.name + ".pdf")]

@@ -33,6 +33,7 @@ class Cell:
     se: float | None = None
     n: int = 0  # trial seeds (accuracies) or jobs (costs)
     notes: list[int] = field(default_factory=list)
+    nats: bool = False  # an NLL: shown as it is, not as a percentage
 
 
 @dataclass
@@ -188,7 +189,8 @@ class _Explainer:
                         named |= jobs
         if gaps is not None and len(gaps):
             for (s, t, j), g in gaps.groupby(["trial_seed", "test_set", "job_id"], sort=True):
-                lacking = ", ".join(k.split(":", 1)[-1] for k in g["key"])
+                lacking = ", ".join(k.split(":", 1)[-1] if k.startswith(("ood:", "xd:")) else k.replace(":", " on ")
+                                    for k in g["key"])
                 where = self._where(ds, t, int(s))
                 by_kind.setdefault("a selected run lacks results", []).append(
                     f"{where}: job {j} lacks {lacking}")
@@ -208,6 +210,15 @@ def _empty_reason(coll: K.Collection, metric: str, ds: str, values: pd.DataFrame
     """Why a metric has no value on a dataset for any row, when the cause is the dataset or the rule."""
     if metric.startswith("ood:") and not K._metric_domains(coll, metric, ds):
         return f"{ds} has no held-out domain {metric[4:]}."
+    base = metric[:-3] if metric.endswith("_id") else metric[:-4] if metric.endswith("_ood") else ""
+    if base in K.EXTRA_METRICS:
+        mine = values.loc[values["dataset"] == ds, "key"].astype(str)
+        if not (mine.str.startswith(metric + ":") | (mine == metric)).any():
+            if base == "macro_f1":
+                return (f"{ds}: no macro_f1 rows in the selected runs (logged only where the dataset card asks for "
+                        f"it: metrics: [macro_f1]).")
+            return (f"{ds}: no {base} rows in the selected runs (evaluated before the harness logged calibration "
+                    f"metrics; a rerun of those jobs logs them).")
     if metric in K.SUITE_AVERAGES and not K._metric_domains(coll, metric, ds):
         return f"{metric} is defined for ImageNet-style shift suites only; {ds} is not one."
     if metric == "id_test":
@@ -263,7 +274,7 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
         empty = _empty_reason(coll, m, ds, values, expl)
         for lab in section.rows:
             mean, se, n = K.mean_se(ps.loc[ps["label"] == lab, "value"])
-            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n)
+            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n, nats=m in K.NATS)
             if n == 0 and empty:
                 cell.notes.append(notes.add(empty))
             else:
@@ -279,7 +290,8 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
         for lab in section.rows:
             means = [section.cells[(lab, c)].mean for c in live]
             if live and all(m is not None for m in means):
-                section.cells[(lab, key)] = Cell(sum(means) / len(means), None, len(means))
+                section.cells[(lab, key)] = Cell(sum(means) / len(means), None, len(means),
+                                                 nats=all(section.cells[(lab, c)].nats for c in live))
             else:
                 why = "Avg: no column has a value." if not live else "Avg is left empty while a cell of its row is."
                 section.cells[(lab, key)] = Cell(notes=[notes.add(why)])
@@ -368,7 +380,8 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
         sections.append(sec)
 
     described = "; ".join(f"{m}, {K.METRICS.get(m) or _describe(m)}" for m in metrics)
-    header = [f"Metric{'s' if len(metrics) > 1 else ''}: {described} (%); "
+    unit = "%" if not any(m in K.NATS for m in metrics) else "%; NLL in nats"
+    header = [f"Metric{'s' if len(metrics) > 1 else ''}: {described} ({unit}); "
               f"cells: mean ± standard error over trial seeds (std/sqrt(n), as DomainBed).",
               f"Selection: {selection}, {K.SELECTIONS[selection]}."]
     jobs = coll.jobs
@@ -397,6 +410,8 @@ def cell_text(col: str, cell: Cell, plus: str = " ± ", dash: str = "—") -> st
         return dash
     if col in COST_COLUMNS:
         return f"{cell.mean:.{COST_COLUMNS[col][2]}f}"
+    if cell.nats:
+        return f"{cell.mean:.3f}{plus}{cell.se:.3f}" if cell.se is not None else f"{cell.mean:.3f}"
     return _acc_text(cell, plus)
 
 
@@ -474,12 +489,12 @@ def _records(report: Report) -> list[dict]:
             for c in sec.columns:
                 cell = sec.cells[(lab, c)]
                 is_cost = c in COST_COLUMNS
-                scale = 1 if is_cost else 100
+                scale = 1 if is_cost or cell.nats else 100
                 recs.append({
                     "table": sec.title or "", "row": lab, "column": sec.headers[c], "key": c,
                     "mean": None if cell.mean is None else round(scale * cell.mean, 4),
                     "se": None if cell.se is None else round(scale * cell.se, 4),
-                    "n": cell.n, "unit": "value" if is_cost else "%",
+                    "n": cell.n, "unit": "value" if is_cost else "nats" if cell.nats else "%",
                     "notes": [report.notes[i - 1] for i in cell.notes]})
     return recs
 
