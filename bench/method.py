@@ -108,7 +108,49 @@ class Method(nn.Module):
 
     # ---- the loss: what a method must define ------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """Define this, or `features` and `loss_from_features` (then this is their composition)."""
+        if type(self).features is Method.features:
+            raise NotImplementedError(f"{type(self).__name__} defines neither loss nor features")
+        batch = self.drawn(batch)
+        return self.loss_from_features(self.features(batch), batch)
+
+    # ---- gradient accumulation (train.accum_steps > 1; bench/accumulate.py) --------------------------
+    # The trainer splits a step's batch into micro-batches and takes one of two routes, each giving the gradient
+    # of the unsplit step; a method that allows neither is refused at load time.
+    # - mean: loss(batch) equals the size-weighted mean of loss(part) over the parts of a split (a mean over
+    #   examples, plus terms that do not depend on the examples). Declare `loss_is_mean = True` in the class
+    #   that defines `loss`: it is read from there, so a subclass with a loss of its own does not inherit it.
+    # - features: the loss couples the examples (contrastive). Define `features(batch)` (per-example feature
+    #   rows: each part's rows, concatenated in order, are the batch's) and `loss_from_features(features,
+    #   batch)` instead of `loss`; the features of every part are computed without gradients, the loss from all
+    #   of them once, then each part's features again with gradients, back-propagated with their share of it.
+    # Random draws of a step go in `draw`, made once per full batch, so a split step draws what the unsplit
+    # one does; per-example entries it adds are named in `row_keys` (split with the batch), the rest are shared.
+    loss_is_mean: ClassVar[bool] = False
+    row_keys: ClassVar[tuple[str, ...]] = ()
+
+    def draw(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The step's random draws (from torch's RNG, seeded per step by the trainer), added to the batch."""
+        return {}
+
+    def drawn(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with this step's draws; a batch (or part of one) that has them is returned as it is."""
+        return batch if batch.get("drawn") else {**batch, **self.draw(batch), "drawn": True}
+
+    def features(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} defines no features")
+
+    def loss_from_features(self, features: dict[str, torch.Tensor], batch: dict[str, Any]
+                           ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} defines no loss_from_features")
+
+    @classmethod
+    def accumulation_route(cls) -> str | None:
+        """'features', 'mean', or None: how a step of this method may be split (see above)."""
+        owner = next(c for c in cls.__mro__ if "loss" in vars(c))
+        if owner is Method and cls.features is not Method.features:
+            return "features"
+        return "mean" if vars(owner).get("loss_is_mean", False) else None
 
     # ---- inference: used by evaluation --------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

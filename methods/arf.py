@@ -123,29 +123,42 @@ class ARF(FLYP):
         images = torch.stack([self.anchor_image(i) for i in idx]).to(device)
         return images, self.anchor_tokens[idx]
 
-    def loss(self, batch):
-        labels, device = batch["labels"], batch["labels"].device
-        b = len(labels)
-        templates = torch.randint(len(self.templates), (b,), device=device)
-        texts = [self.prompt_tokens[templates, labels]]
-        images = [batch["images"]]
-        if self.hparams.caption_anchors:
-            texts.append(self.caption_tokens[batch["index"].to(device)])
+    # The anchor pairs are rows too: under gradient accumulation each micro-batch encodes its share of them.
+    row_keys = ("text_tokens", "anchor_images", "anchor_tokens")
+
+    def draw(self, batch):
+        """FLYP's templates, then the step's anchor mini-batch (in this order: the draws of the unsplit loss)."""
+        draws = super().draw(batch)
         if self.hparams.retrieval_anchors:
-            ret_images, ret_tokens = self.anchor_batch(device)
-            images.append(ret_images)
-            texts.append(ret_tokens)
-        # One forward pass per tower over everything in this step.
+            draws["anchor_images"], draws["anchor_tokens"] = self.anchor_batch(batch["labels"].device)
+        return draws
+
+    def features(self, batch):
+        b = len(batch["labels"])
+        texts, images = [batch["text_tokens"]], [batch["images"]]
+        if self.hparams.caption_anchors:
+            texts.append(self.caption_tokens[batch["index"].to(batch["labels"].device)])
+        if self.hparams.retrieval_anchors:
+            images.append(batch["anchor_images"])
+            texts.append(batch["anchor_tokens"])
+        # One forward pass per tower over everything in this (micro-)batch.
         img = F.normalize(self.model.encode_image(torch.cat(images)), dim=-1)
         txt = self.encode_text(torch.cat(texts))
-        scale = self.model.logit_scale.exp()
-        logs = {"prompt": contrastive_loss(img[:b], txt[:b], scale)}
-        total, t = logs["prompt"], b
+        out = {"image": img[:b], "text": txt[:b]}
         if self.hparams.caption_anchors:
-            logs["caption"] = contrastive_loss(img[:b], txt[t:t + b], scale)
-            total = total + self.hparams.lam_caption * logs["caption"]
-            t += b
+            out["caption"] = txt[b:2 * b]
         if self.hparams.retrieval_anchors:
-            logs["retrieval"] = contrastive_loss(img[b:], txt[t:], scale)
+            out["anchor_image"], out["anchor_text"] = img[b:], txt[len(txt) - len(batch["anchor_tokens"]):]
+        return out
+
+    def loss_from_features(self, features, batch):
+        scale = self.model.logit_scale.exp()
+        logs = {"prompt": contrastive_loss(features["image"], features["text"], scale)}
+        total = logs["prompt"]
+        if self.hparams.caption_anchors:
+            logs["caption"] = contrastive_loss(features["image"], features["caption"], scale)
+            total = total + self.hparams.lam_caption * logs["caption"]
+        if self.hparams.retrieval_anchors:
+            logs["retrieval"] = contrastive_loss(features["anchor_image"], features["anchor_text"], scale)
             total = total + self.hparams.lam_retrieval * logs["retrieval"]
         return total, {k: v.item() for k, v in logs.items()}

@@ -56,6 +56,8 @@ class CARFT(ERM):
         ft = self.context_logits(features)
         return kl_divergence(zs, ft) if self.hparams.kl_direction == "zs_ft" else kl_divergence(ft, zs)
 
+    loss_is_mean = True  # cross-entropy and the KL: both means over the examples
+
     def loss(self, batch):
         features = self.encode_image(batch["images"])
         ce = F.cross_entropy(self.head(features), batch["labels"], label_smoothing=self.hparams.label_smoothing)

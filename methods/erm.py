@@ -51,6 +51,8 @@ class ERM(Method):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode_image(images))
 
+    loss_is_mean = True  # cross-entropy: a mean over the examples (gradient accumulation splits it exactly)
+
     def loss(self, batch):
         return F.cross_entropy(self.predict(batch["images"]), batch["labels"],
                                label_smoothing=self.hparams.label_smoothing)

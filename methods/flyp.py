@@ -32,13 +32,22 @@ class FLYP(Method):
                              .to(device), persistent=False)
         self._head: torch.Tensor | None = None
 
-    def loss(self, batch):
+    # The loss couples the batch's examples: it is loss_from_features(features(batch)), so that gradient
+    # accumulation can compute it over the whole batch (bench/method.py, bench/accumulate.py).
+    row_keys = ("text_tokens",)
+
+    def draw(self, batch):
+        """Each image's prompt: a template drawn at random per image, once per step."""
         labels = batch["labels"]
         templates = torch.randint(len(self.templates), (len(labels),), device=labels.device)
-        tokens = self.prompt_tokens[templates, labels]
-        image = F.normalize(self.model.encode_image(batch["images"]), dim=-1)
-        text = self.encode_text(tokens)
-        return contrastive_loss(image, text, self.model.logit_scale.exp())
+        return {"text_tokens": self.prompt_tokens[templates, labels]}
+
+    def features(self, batch):
+        return {"image": F.normalize(self.model.encode_image(batch["images"]), dim=-1),
+                "text": self.encode_text(batch["text_tokens"])}
+
+    def loss_from_features(self, features, batch):
+        return contrastive_loss(features["image"], features["text"], self.model.logit_scale.exp())
 
     def eval_cache_clear(self) -> None:
         self._head = None

@@ -67,8 +67,15 @@ class LipsumFT(ERM):
         v_zs = s * self.reference(batch) @ texts.t()
         return ((v_ft.float() - v_zs.float()) ** 2).sum(-1).mean() / (2 * texts.shape[0])
 
+    loss_is_mean = True  # cross-entropy and R: means over the examples, against the step's one draw of texts
+
+    def draw(self, batch):
+        """The step's M random texts, embedded by the frozen text tower: drawn once per step, whole batch."""
+        return {"random_texts": self.random_text_features(batch["labels"].device)}
+
     def loss(self, batch):
+        batch = self.drawn(batch)
         features = self.encode_image(batch["images"])
         ce = F.cross_entropy(self.head(features), batch["labels"], label_smoothing=self.hparams.label_smoothing)
-        reg = self.regularizer(batch, features, self.random_text_features(features.device))
+        reg = self.regularizer(batch, features, batch["random_texts"])
         return ce + self.hparams.lam * reg, {"ce": ce.item(), "reg": reg.item()}
