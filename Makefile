@@ -1,5 +1,5 @@
 # The two commands of the quick start. Both set up .venv first (idempotent).
-.PHONY: setup quickstart test test-slow test-all
+.PHONY: setup quickstart test test-slow test-all gpu-check
 
 setup:
 	./scripts/setup.sh
@@ -20,3 +20,7 @@ test-slow: setup
 # Everything, slow tests included.
 test-all: setup
 	.venv/bin/python -m pytest -q -m ''
+
+# Speed on the CUDA device present (docs/PERFORMANCE.md, "GPU check"); says so and exits 0 without one.
+gpu-check: setup
+	.venv/bin/python benchmarks/gpu_check.py --out gpu_check.json

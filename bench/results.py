@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,13 @@ def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
 
 
 class ResultsWriter:
-    """Appends result rows; on resume from step s, drops rows logged after s so the file equals an unbroken run's."""
+    """Appends result rows; on resume from step s, drops rows logged after s so the file equals an unbroken run's.
 
-    def __init__(self, path: Path, resume_step: int | None):
+    on_write: called with every batch of rows once they are on disk (bench.trackers.Trackers.log)."""
+
+    def __init__(self, path: Path, resume_step: int | None, on_write: Callable[[list[dict]], None] | None = None):
         self.path = path
+        self.on_write = on_write
         if resume_step is None:
             atomic_write_text(path, "")
         else:
@@ -75,8 +78,11 @@ class ResultsWriter:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
         with open(self.path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.on_write is not None:
+            self.on_write(rows)

@@ -58,10 +58,10 @@ def make_batch(task, clip, n: int) -> dict:
             "total_steps": 10**6, "deterministic_images": True}
 
 
-def harness_stepper(name, get_clip, task, hparams=None):
-    """-> (the method, step(batch): one training step of it on `batch`)."""
+def harness_stepper(name, get_clip, task, hparams=None, device="cpu", autocast=contextlib.nullcontext):
+    """-> (the method, step(batch): one training step of it on `batch`, on `device` under `autocast`)."""
     clip = get_clip()
-    method = build_method(name, clip, task, hparams or {}).train()
+    method = build_method(name, clip, task, hparams or {}).to(device).train()
     named = method.trainable_parameters()
     opt = make_optimizer(named, 1e-5, 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, 10**6))
@@ -70,7 +70,7 @@ def harness_stepper(name, get_clip, task, hparams=None):
 
     def step(batch):
         trained()
-        return train_step(method, batch, opt, sched, params, 1.0, contextlib.nullcontext)
+        return train_step(method, batch, opt, sched, params, 1.0, autocast)
 
     return method, step
 
@@ -82,15 +82,15 @@ def trained_set(model):
     return lambda: [p.requires_grad_(rg) for p, rg in mask]
 
 
-def bare_stepper(get_clip, task, batch):
+def bare_stepper(get_clip, task, batch, device="cpu", autocast=contextlib.nullcontext):
     """What a user would write with open_clip alone: image tower + linear head, CE, AdamW, clipping."""
     clip = get_clip()
-    model = clip.model.train()
+    model = clip.model.to(device).train()
     with torch.no_grad():
-        tokens = clip.tokenize([t.format(c) for t in task.templates for c in task.seen_names])
+        tokens = clip.tokenize([t.format(c) for t in task.templates for c in task.seen_names]).to(device)
         text = F.normalize(model.encode_text(tokens), dim=-1).view(len(task.templates), len(task.seen_names), -1)
         weight = F.normalize(text.mean(0), dim=-1) * model.logit_scale.exp()
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0]).to(device)
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.zero_()
@@ -105,8 +105,9 @@ def bare_stepper(get_clip, task, batch):
 
     def step():
         trained()
-        logits = head(F.normalize(model.encode_image(x), dim=-1))
-        loss = F.cross_entropy(logits, y)
+        with autocast():
+            logits = head(F.normalize(model.encode_image(x), dim=-1))
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
