@@ -205,9 +205,10 @@ def cmd_table(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from bench.plot import plot
+    from bench.plot import plot, reliability
 
-    for path in plot(_collect(args), args.out or Path(args.runs) / "id_vs_ood", args.selection, args.dataset):
+    draw, name = (reliability, "reliability") if args.kind == "reliability" else (plot, "id_vs_ood")
+    for path in draw(_collect(args), args.out or Path(args.runs) / name, args.selection, args.dataset):
         print(path)
 
 
@@ -331,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="ood_avg",
                    help="ood_avg (default) | id | id_test | zs_avg | hm (of id and zs_avg) | ood (per held-out "
                         "domain) | ood_avg4 | ood_avg5 (ImageNet-style suites) | ood:<domain> | xd_avg (cross-dataset "
-                        "zero-shot suite) | xd (per suite dataset) | xd:<dataset>; a comma list for several columns")
+                        "zero-shot suite) | xd (per suite dataset) | xd:<dataset> | worst_ood | hm_id_ood | ece_id | "
+                        "ece_ood | ece_ts_id | ece_ts_ood | nll_id | nll_ood | macro_f1_id | macro_f1_ood; a comma "
+                        "list for several columns")
     p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "json"])
     p.add_argument("--cost", action="store_true", help="add step time, peak memory and total compute columns")
     p.add_argument("--rows", action="append", help="only rows matching this pattern, e.g. 'erm*' (repeatable)")
@@ -342,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plot", help="ID-vs-OOD scatter (PNG and PDF): methods, zero-shot, WiSE-FT curves")
     collector_args(p)
-    p.add_argument("--out", help="output path without extension (default <runs>/id_vs_ood)")
+    p.add_argument("--kind", default="id_vs_ood", choices=["id_vs_ood", "reliability"],
+                   help="id_vs_ood (default): the scatter; reliability: reliability diagrams (ID and OOD, per method)")
+    p.add_argument("--out", help="output path without extension (default <runs>/id_vs_ood or <runs>/reliability)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("export-best", help="the selected run (job id, step, hparams, config) of every table cell")

@@ -2,7 +2,8 @@
 
     coll = load(root)                        every run folder under root: jobs (one row each), result rows of done jobs
     chosen = select(coll, rule)              one chosen (run, step) per (row, dataset, held-out set, trial seed)
-    values = chosen_values(coll, chosen)     id, id_test, zs_avg, ood:<domain> at each chosen (run, step)
+    values = chosen_values(coll, chosen)     id, id_test, zs_avg, ood:<domain>, ece_id, ece_ood:<domain>, ... at
+                                             each chosen (run, step)
     per_seed(coll, values, metric, dataset)  a metric per (row, trial seed): what a cell's mean ± SE is over
 
 Parsed result rows are kept in <root>/.bench-table-cache.npz (numpy arrays and JSON; no pickle): a later call
@@ -36,6 +37,7 @@ import pandas as pd
 
 from bench import jobs as J
 from bench import results as R
+from bench.config import NOT_IDENTITY
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,22 @@ METRICS = {
     "xd_avg": ("cross-dataset zero-shot accuracy: mean over the zero-shot suite's datasets (data.zeroshot_suite; "
                "never used to select)"),
     **{name: f"OOD accuracy: mean over {', '.join(sets)}" for name, (_, sets) in SUITE_AVERAGES.items()},
+    # beyond accuracy (bench.calibration; issue 11): at the checkpoint selected on accuracy, as every column
+    "worst_ood": "worst held-out domain accuracy, per trial seed (DomainBed-style worst case)",
+    "hm_id_ood": "harmonic mean of ID accuracy and OOD accuracy (mean over held-out domains), per trial seed",
+    "ece_id": "ID expected calibration error (15 equal-width bins of top-1 confidence, as torchmetrics), mean over "
+              "the training domains' held-out splits",
+    "ece_ood": "OOD expected calibration error (15 bins, as torchmetrics), mean over held-out domains",
+    "ece_ts_id": "ID ECE after temperature scaling (T fitted on the ID validation split only), mean over domains",
+    "ece_ts_ood": "OOD ECE after temperature scaling (T fitted on the ID validation split only), mean over held-out "
+                  "domains",
+    "nll_id": "ID negative log-likelihood (nats, not %), mean over domains",
+    "nll_ood": "OOD negative log-likelihood (nats, not %), mean over held-out domains",
+    "macro_f1_id": "ID macro-F1 over the classes present (cards with metrics: [macro_f1]), mean over domains",
+    "macro_f1_ood": "OOD macro-F1 over the classes present (cards with metrics: [macro_f1]), mean over held-out domains",
 }
+EXTRA_METRICS = ("ece", "ece_ts", "nll", "macro_f1")  # per-set rows beyond acc that get _id and _ood columns
+NATS = ("nll_id", "nll_ood")  # shown as they are (nats), not as percentages
 
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / "datasets"  # bench.data.CARDS_DIR (bench.data imports torch)
@@ -99,7 +116,9 @@ def _card_averages(dataset: str) -> dict | None:
 
 # Column headers when a table shows several metrics side by side (--metric id,ood_avg,zs_avg).
 METRIC_HEADERS = {"id": "ID", "id_test": "ID test", "ood_avg": "OOD avg", "zs_avg": "zero-shot", "hm": "HM",
-                  "xd_avg": "zero-shot (cross-dataset)",
+                  "xd_avg": "zero-shot (cross-dataset)", "worst_ood": "OOD worst", "hm_id_ood": "HM (ID, OOD)",
+                  "ece_id": "ID ECE", "ece_ood": "OOD ECE", "ece_ts_id": "ID ECE (TS)", "ece_ts_ood": "OOD ECE (TS)",
+                  "nll_id": "ID NLL", "nll_ood": "OOD NLL", "macro_f1_id": "ID macro-F1", "macro_f1_ood": "OOD macro-F1",
                   **{name: f"OOD {label.lower()}" for name, (label, _) in SUITE_AVERAGES.items()}}
 
 
@@ -179,8 +198,20 @@ def read_results(path: str | Path, skipped: list[str] | None = None) -> list[dic
     return R.read_rows(path, skipped)
 
 
-_NOT_HP = {"data": {"test_domains", "root"}, "train": {"num_workers", "device", "eval_batch_size", "save_final"},
-           "trial_seed": None, "hparams": None, "plugins": None}
+def _not_hp() -> dict:
+    """Config keys that do not make a hyperparameter setting: the held-out set, the trial seed, the given hparams
+    (the resolved ones stand in) and every key left out of a job's identity (bench.config.NOT_IDENTITY).
+    section -> None (the whole section) or the set of its keys left out."""
+    out: dict = {"data": {"test_domains"}, "trial_seed": None, "hparams": None}
+    for path in NOT_IDENTITY:
+        if len(path) == 1:
+            out[path[0]] = None
+        else:
+            out.setdefault(path[0], set()).add(path[1])
+    return out
+
+
+_NOT_HP = _not_hp()
 
 
 def _hp_key(config: dict, hparams: dict) -> str:
@@ -511,6 +542,8 @@ class Units:
     steps: pd.DataFrame  # unit, step, id_val, id_test, ood_val, zeroshot, zeroshot_xd (means over domains)
     ood: pd.DataFrame  # unit, step, domain, value (acc of role ood)
     xd: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["unit", "step", "domain", "value"]))
+    extra: pd.DataFrame = field(  # EXTRA_METRICS rows of roles id_val and ood: unit, step, role, domain, metric, value
+        default_factory=lambda: pd.DataFrame(columns=["unit", "step", "role", "domain", "metric", "value"]))
 
 
 def units(coll: Collection) -> Units:
@@ -534,7 +567,12 @@ def units(coll: Collection) -> Units:
         part = acc.loc[acc["role"] == role, ["unit", "step", "domain", "value"]].copy()
         part["domain"] = part["domain"].astype(str)
         per_domain.append(part.reset_index(drop=True))
-    return Units(table, steps, *per_domain)
+    ex = rows[rows["metric"].isin(EXTRA_METRICS) & rows["role"].isin(["id_val", "ood"])]
+    ex = ex[["job", "variant", "step", "role", "domain", "metric", "value"]].merge(pairs, on=["job", "variant"])
+    extra = pd.DataFrame({"unit": ex["unit"].to_numpy(), "step": ex["step"].to_numpy(),
+                          **{c: ex[c].astype(str).to_numpy() for c in ("role", "domain", "metric")},
+                          "value": ex["value"].to_numpy()})
+    return Units(table, steps, *per_domain, extra)
 
 
 GROUP = ["label", "dataset", "test_set", "trial_seed"]
@@ -645,6 +683,12 @@ def chosen_values(coll: Collection, chosen: pd.DataFrame, u: Units | None = None
     for prefix, frame in (("ood:", u.ood), ("xd:", u.xd)):
         od = at.merge(frame, on=["unit", "step"])
         parts.append(od[GROUP + ["job_id"]].assign(key=prefix + od["domain"], value=od["value"]))
+    ex = at.merge(u.extra, on=["unit", "step"])
+    if len(ex):  # <metric>_id: the mean over the ID domains, as id; <metric>_ood:<domain>, as ood:<domain>
+        idv = ex[ex["role"] == "id_val"].groupby(GROUP + ["job_id", "metric"], as_index=False)["value"].mean()
+        parts.append(idv[GROUP + ["job_id"]].assign(key=idv["metric"] + "_id", value=idv["value"]))
+        od = ex[ex["role"] == "ood"]
+        parts.append(od[GROUP + ["job_id"]].assign(key=od["metric"] + "_ood:" + od["domain"], value=od["value"]))
     return pd.concat(parts, ignore_index=True)[cols]
 
 
@@ -657,8 +701,14 @@ def required(coll: Collection, metric: str, dataset: str) -> pd.DataFrame:
             pairs.append((t, metric))
         elif metric == "hm":
             pairs += [(t, "id"), (t, "zs_avg")]
-        elif metric == "ood_avg":
+        elif metric in ("ood_avg", "worst_ood"):
             pairs += [(t, f"ood:{d}") for d in held]
+        elif metric == "hm_id_ood":
+            pairs += [(t, "id")] + [(t, f"ood:{d}") for d in held]
+        elif metric.endswith("_id") and metric[:-3] in EXTRA_METRICS:
+            pairs.append((t, metric))
+        elif metric.endswith("_ood") and metric[:-4] in EXTRA_METRICS:
+            pairs += [(t, f"{metric}:{d}") for d in held]
         else:
             pairs += [(t, f"ood:{d}") for d in _metric_domains(coll, metric, dataset) if d in held]
     return pd.DataFrame(pairs, columns=["test_set", "key"])
@@ -693,6 +743,13 @@ def per_seed(coll: Collection, values: pd.DataFrame, metric: str, dataset: str) 
     if metric == "hm":  # per trial seed: the harmonic mean of base (ID) and novel (zero-shot) accuracy
         wide = by_key.unstack("key")
         out = 2 * wide["id"] * wide["zs_avg"] / (wide["id"] + wide["zs_avg"])
+    elif metric == "worst_ood":  # per trial seed: the held-out domain with the lowest accuracy
+        out = by_key.groupby(["label", "trial_seed"]).min()
+    elif metric == "hm_id_ood" and len(by_key):  # per trial seed: of ID and OOD average accuracy
+        is_id = by_key.index.get_level_values("key") == "id"
+        idv = by_key[is_id].droplevel("key")
+        ood = by_key[~is_id].groupby(["label", "trial_seed"]).mean()
+        out = 2 * idv * ood / (idv + ood)
     else:
         out = by_key.groupby(["label", "trial_seed"]).mean()
     return out.rename("value").reset_index(), gaps.reset_index(drop=True)

@@ -62,10 +62,25 @@ class TrainConfig:
     checkpoint_every: int = 50
     eval_batch_size: int = 256
     num_workers: int = 0
+    prefetch_factor: int = 2  # batches each loader worker keeps ready (PyTorch's default); used when num_workers > 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     save_final: bool = True  # keep the final trained weights (needed by post-hoc WiSE-FT)
     suite_every: int = 1  # evaluate data.zeroshot_suite at every k-th evaluation (and always at the last step)
+    # gradient accumulation: each step's batch is split into this many micro-batches (batch_size must be a
+    # multiple), one optimizer step per batch; the same step with less memory (bench/accumulate.py)
+    accum_steps: int = 1
+
+
+@dataclass(frozen=True)
+class TrackersConfig:
+    """Experiment trackers fed every metric row the run writes (results.jsonl stays the record): off by default,
+    not part of a job's identity (bench/trackers.py)."""
+
+    use: tuple[str, ...] = ()  # tensorboard, wandb
+    dir: str | None = None  # null: in the run folder; else <dir>/tensorboard/<run folder name> and <dir>/wandb
+    project: str = "rft-bench"  # the wandb project
+    wandb_mode: str = "auto"  # auto: WANDB_MODE if set, else online when the wandb server answers, else offline
 
 
 @dataclass(frozen=True)
@@ -78,11 +93,17 @@ class RunConfig:
     trial_seed: int = 0  # decides the data split; the training seed is derived from everything
     plugins: tuple[str, ...] = ()  # Python files that register extra methods
     wise_alphas: tuple[float, ...] = ()  # post-hoc WiSE-FT variants evaluated at the end (e.g. [0, 0.5, 1])
+    trackers: TrackersConfig = field(default_factory=TrackersConfig)  # TensorBoard / wandb (where it logs, not what)
 
 
 # Keys that say where or how a job runs, not what it computes: left out of its identity.
-_NOT_IDENTITY = {("data", "root"), ("train", "num_workers"), ("train", "device"), ("train", "eval_batch_size"),
-                 ("train", "save_final"), ("plugins",)}
+# train.accum_steps is one of them: a method accumulates only by a route that computes the gradient of the
+# unsplit step (bench/accumulate.py; tests/test_accumulation.py checks every method), with the same random
+# draws, so the step differs by float rounding alone, as it does across devices; a job requeued on a smaller
+# GPU with more micro-batches is the same job and resumes its checkpoint.
+NOT_IDENTITY = {("data", "root"), ("train", "num_workers"), ("train", "device"), ("train", "eval_batch_size"),
+                 ("train", "save_final"), ("train", "accum_steps"), ("train", "prefetch_factor"), ("plugins",),
+                 ("trackers",)}
 
 
 # Keys added after job ids were first pinned: part of a job's identity only when set to a non-default value,
@@ -173,7 +194,9 @@ _TRAIN_BOUNDS = {
     "checkpoint_every": (1, False, "steps between checkpoints"),
     "eval_batch_size": (1, False, "images per evaluation batch"),
     "num_workers": (0, False, "DataLoader worker processes; 0 loads in the main process"),
+    "prefetch_factor": (1, False, "batches each DataLoader worker keeps ready"),
     "suite_every": (1, False, "evaluate data.zeroshot_suite at every k-th evaluation"),
+    "accum_steps": (1, False, "micro-batches per step (gradient accumulation); 1 disables it"),
 }
 
 
@@ -191,6 +214,10 @@ def _check_train(t: TrainConfig, source: str, prefix: str) -> None:
         if _below(value, lo, strict):
             bound = f"{'greater than' if strict else 'at least'} {lo}"
             raise BenchError(f"{source}: {prefix}{key}: {value!r} is out of range; set it {bound} ({what})")
+    if t.batch_size % t.accum_steps:
+        raise BenchError(f"{source}: {prefix}accum_steps: {t.accum_steps} does not divide {prefix}batch_size "
+                         f"{t.batch_size}; set a divisor of it (each micro-batch holds batch_size / accum_steps "
+                         f"examples)")
     if not DEVICE_PATTERN.fullmatch(t.device):
         raise BenchError(f"{source}: {prefix}device: {t.device!r} is not a device; set auto, cpu, cuda or cuda:N")
     if t.precision not in PRECISIONS:
@@ -239,9 +266,25 @@ def _check_run(cfg: RunConfig, source: str, prefix: str) -> None:
                          f"(0: the zero-shot weights, 1: the fine-tuned ones)")
 
 
+TRACKERS = ("tensorboard", "wandb")
+WANDB_MODES = ("auto", "online", "offline")
+
+
+def _check_trackers(t: TrackersConfig, source: str, prefix: str) -> None:
+    for name in t.use:
+        if name not in TRACKERS:
+            raise BenchError(f"{source}: {prefix}use: {name!r} is not a tracker; list some of {', '.join(TRACKERS)}")
+    if len(set(t.use)) != len(t.use):
+        raise BenchError(f"{source}: {prefix}use: {list(t.use)} names a tracker twice; list each once")
+    if t.wandb_mode not in WANDB_MODES:
+        raise BenchError(f"{source}: {prefix}wandb_mode: {t.wandb_mode!r} is not one of {', '.join(WANDB_MODES)}; "
+                         f"set one of them (auto: offline when the wandb server does not answer)")
+
+
 # The dataclass -> its value check, run by from_dict on every instance it builds (RunConfig's own check
 # covers its top-level fields; model, data and train are checked as from_dict builds them).
-_VALIDATORS = {TrainConfig: _check_train, DataConfig: _check_data, ModelConfig: _check_model, RunConfig: _check_run}
+_VALIDATORS = {TrainConfig: _check_train, DataConfig: _check_data, ModelConfig: _check_model, RunConfig: _check_run,
+               TrackersConfig: _check_trackers}
 
 
 def validate_run_config(cfg: RunConfig, source: str = "config") -> None:
@@ -250,6 +293,7 @@ def validate_run_config(cfg: RunConfig, source: str = "config") -> None:
     _check_model(cfg.model, source, "model.")
     _check_data(cfg.data, source, "data.")
     _check_train(cfg.train, source, "train.")
+    _check_trackers(cfg.trackers, source, "trackers.")
     _check_run(cfg, source, "")
 
 
@@ -309,7 +353,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
 def identity(cfg: RunConfig) -> dict:
     """What a job computes, without where or how it runs: the input of its id."""
     d = to_dict(cfg)
-    for path in _NOT_IDENTITY:
+    for path in NOT_IDENTITY:
         node = d
         for part in path[:-1]:
             node = node[part]

@@ -24,6 +24,8 @@ import torch
 
 from bench import config as C
 from bench import results as R
+from bench import trackers as T
+from bench.accumulate import accumulate, check_accumulation
 from bench.data import (DatasetCard, ImageItems, StepSampler, Task, build_task, ensure_generated, iterate, load_card,
                         split_classes, suite_evalsets)
 from bench.errors import BenchError
@@ -79,19 +81,25 @@ def make_optimizer(named_params, lr: float, weight_decay: float) -> torch.optim.
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def train_step(method, batch: dict, optimizer, scheduler, params: list, grad_clip: float, autocast
-               ) -> tuple[float, dict]:
-    """One optimisation step: the method's loss, backward, clipping, AdamW, schedule. -> (loss, logs)."""
-    with autocast():
-        out = method.loss(batch)
-    loss, logs = out if isinstance(out, tuple) else (out, {})
+def train_step(method, batch: dict, optimizer, scheduler, params: list, grad_clip: float, autocast,
+               accum_steps: int = 1) -> tuple[float, dict]:
+    """One optimisation step: the method's loss, backward, clipping, AdamW, schedule. -> (loss, logs).
+
+    accum_steps > 1: the same gradient from that many micro-batches (bench/accumulate.py)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if accum_steps > 1:
+        loss, logs = accumulate(method, batch, accum_steps, autocast)
+    else:
+        with autocast():
+            out = method.loss(batch)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        loss.backward()
+        loss = loss.item()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     scheduler.step()
-    return loss.item(), logs
+    return loss, logs
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -130,6 +138,7 @@ def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None =
     if cfg.method not in METHODS:
         raise BenchError(f"{source}: method: {METHODS.unknown_message(cfg.method)}")
     hparams = resolve_hparams(cfg.method, dict(cfg.hparams), source)
+    check_accumulation(METHODS.get(cfg.method), cfg.train.accum_steps, source)
     if cfg.train.steps < 1 and METHODS.get(cfg.method).trains:
         raise BenchError(f"{source}: train.steps: {cfg.train.steps} is out of range; set it at least 1 (method "
                          f"{cfg.method} trains; method: zeroshot evaluates the pretrained model without training)")
@@ -210,6 +219,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
 
     stop_after: leave after this many steps (tests use it to simulate a crash)."""
     prep = prepare(cfg, source)
+    T.require(cfg.trackers, source)  # a tracker's package missing: fail before anything expensive
     run_dir = Path(run_dir)
     _check_folder_is_ours(run_dir, prep)
     if (run_dir / R.DONE).is_file():
@@ -244,14 +254,19 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
             scheduler.load_state_dict(ckpt["scheduler"])
         start = ckpt["step"]
         log.info("%s: resuming from step %d", run_dir, start)
-    writer = R.ResultsWriter(run_dir / R.RESULTS, resume_step=start if ckpt_path.is_file() else None)
+    resume_step = start if ckpt_path.is_file() else None
+    trackers = T.open_trackers(cfg.trackers, run_dir, prep.job_id, {"config": C.to_dict(cfg), "hparams":
+                               hparams_dict(prep.hparams), "job_id": prep.job_id}, resume_step, source)
+    writer = R.ResultsWriter(run_dir / R.RESULTS, resume_step=resume_step, on_write=trackers.log)
 
-    eval_data = EvalData(task, clip.preprocess_val, tc.eval_batch_size, tc.num_workers)
+    pin = device.type == "cuda"  # page-locked batches: asynchronous host-to-device copies (non_blocking below)
+    eval_data = EvalData(task, clip.preprocess_val, tc.eval_batch_size, tc.num_workers, pin, tc.prefetch_factor)
     train_items = task.train_items()
     sampler = StepSampler([len(task.train[d]) for d in task.train_domains], tc.batch_size, prep.seed, start, steps)
     loader = torch.utils.data.DataLoader(
         ImageItems(train_items, clip.preprocess_train if tc.augment else clip.preprocess_val),
-        batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
+        batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=pin,
+        prefetch_factor=tc.prefetch_factor if tc.num_workers else None)
     domain_of = torch.tensor([i for i, d in enumerate(task.train_domains) for _ in task.train[d]])
 
     def log_eval(step: int, extra: list[dict]) -> None:
@@ -270,10 +285,11 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     losses, t_last, n_last = [], time.perf_counter(), 0
     for step, (x, y, idx) in enumerate(iterate(loader), start=start):
         torch.manual_seed(C.seed_hash(prep.seed, step))  # every random draw of this step depends on (seed, step)
-        batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device), "index": idx,
-                 "domains": domain_of[idx].to(device), "step": step,
+        batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device, non_blocking=True), "index": idx,
+                 "domains": domain_of[idx].to(device, non_blocking=True), "step": step,
                  "total_steps": steps, "deterministic_images": not tc.augment}
-        loss, logs = train_step(method, batch, optimizer, scheduler, [p for _, p in named], tc.grad_clip, autocast)
+        loss, logs = train_step(method, batch, optimizer, scheduler, [p for _, p in named], tc.grad_clip, autocast,
+                                tc.accum_steps)
         if not math.isfinite(loss):
             raise BenchError(f"{run_dir}: loss is {loss} at step {step}; lower train.lr or check the data")
         losses.append(loss)
@@ -296,6 +312,8 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt_path)
         if stop_after is not None and done_steps >= stop_after:
             bar.close()
+            trackers.close()
+            eval_data.close()
             return run_dir
     bar.close()
     if theta0 is not None:
@@ -303,6 +321,8 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
                                autocast))
     if tc.save_final and method.trains:
         R.atomic_torch_save({"step": steps, "method": method.checkpoint_state()}, run_dir / R.FINAL)
+    trackers.close()
+    eval_data.close()
     if ckpt_path.is_file():
         ckpt_path.unlink()
     R.atomic_write_text(run_dir / R.DONE, "")

@@ -153,11 +153,11 @@ def test_unwritable_cache_is_no_error(runs):
 
 
 def test_hp_key_ignores_what_not_computes_and_sees_what_does():
-    from bench.config import _NOT_IDENTITY
+    from bench.config import NOT_IDENTITY
 
     covered = {(a, b) for a, bs in K._NOT_HP.items() if bs for b in bs} | {(a,) for a, bs in K._NOT_HP.items()
                                                                              if bs is None}
-    assert _NOT_IDENTITY <= covered  # keep in step with job ids
+    assert NOT_IDENTITY <= covered  # keep in step with job ids
     cfg = json.loads((FIXTURE / REQUEUED / "config.json").read_text())["config"]
     other = json.loads(json.dumps(cfg))
     other["data"]["test_domains"], other["trial_seed"], other["data"]["root"] = ["sketch"], 5, "/elsewhere"
