@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from bench.errors import BenchError
+from bench.results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +79,6 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file beside ``path``, then one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def compute_once(path: Path, compute: Callable[[], Any], save: Callable[[Path, Any], None],

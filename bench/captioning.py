@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from bench.errors import BenchError
+from bench.results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,7 @@ def _norm(path: str | Path) -> str:
 
 def write_jsonl_atomic(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write ``rows`` as JSON lines to ``path`` through a temporary file and one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda out: out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "w")
 
 
 def read_jsonl(path: str | Path, what: str = "captions file") -> list[dict]:

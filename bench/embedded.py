@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from bench.errors import BenchError
+from bench.results import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -889,14 +890,10 @@ def save_corpus(path: str | Path, corpus: Corpus) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(staging, "wb") as out:
-        np.savez_compressed(out, images=corpus.images, captions=np.array(corpus.captions, dtype=str),
-                            labels=corpus.labels, domains=corpus.domains, named=corpus.named,
-                            class_names=np.array(CLASSES),
-                            domain_names=np.array(DOMAINS), generator_version=np.int64(GENERATOR_VERSION))
-    os.replace(staging, path)
+    atomic_write(path, lambda out: np.savez_compressed(
+        out, images=corpus.images, captions=np.array(corpus.captions, dtype=str), labels=corpus.labels,
+        domains=corpus.domains, named=corpus.named, class_names=np.array(CLASSES), domain_names=np.array(DOMAINS),
+        generator_version=np.int64(GENERATOR_VERSION)))
     return path
 
 

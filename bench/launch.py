@@ -144,10 +144,7 @@ def write_folder(job: Job, launcher: str) -> dict:
         if other not in (None, job.job_id):
             raise BenchError(f"{job.run_dir} holds another job ({other}); move it away, it is not this sweep's")
     else:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(job.record, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        R.atomic_write_text(path, json.dumps(job.record, indent=2, sort_keys=True), fsync=False)
     info = {"launcher": launcher, "time": time.time()}
     if launcher in ("local", "debug"):  # the jobs end with this process (see bench.jobs)
         info.update(J.this_process())

@@ -25,6 +25,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from bench.errors import BenchError
+from bench.results import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,7 @@ def save_checkpoint(model: torch.nn.Module, name: str, path: str | Path, meta: d
     meta = json.loads(json.dumps(meta or {}, default=str))
     payload = {"format": CHECKPOINT_FORMAT, "arch": name, "model_cfg": model_config(name),
                "state_dict": state, "meta": meta}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(payload, path)
     return sha256_file(path)
 
 

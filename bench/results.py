@@ -19,23 +19,34 @@ log = logging.getLogger(__name__)
 CONFIG, RESULTS, CHECKPOINT, FINAL, DONE = "config.json", "results.jsonl", "checkpoint.pt", "final.pt", "done"
 
 
-def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
-    """Write through a temporary file and a rename; fsync=False for small markers rewritten often."""
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb", fsync: bool = False) -> None:
+    """`write(file)` into a hidden temporary file beside `path` (its folder made if missing), then one rename:
+    a reader sees the old file or the new one, never half of one. The project's one way to write a file that
+    others read (run folders, caches, checkpoints); fsync=True also flushes it to disk before the rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # write failed: leave no temporary file behind
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
+    """atomic_write of a text; fsync=False for small markers rewritten often."""
+    atomic_write(path, lambda f: f.write(text), "w", fsync)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch  # here, not at the top: the collector and job states read run folders without torch
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:

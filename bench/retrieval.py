@@ -38,6 +38,7 @@ from PIL import Image
 from bench import text
 from bench.data import seeded_transform
 from bench.errors import BenchError
+from bench.results import atomic_write
 
 if TYPE_CHECKING:
     from bench.models import Clip
@@ -305,13 +306,10 @@ def embed_pool(clip: "Clip", pool: PairPool, transform: Any = None, batch_size: 
             log.warning("%s is unreadable or stale; recomputing the pool embeddings", path)
     image_emb, text_emb = encode_pool(clip, pool, transform, batch_size, num_workers, progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         meta = json.dumps({"model": clip.name, "pretrained": str(clip.pretrained), "pool": pool.source,
                            "n": len(pool)})
-        with open(tmp, "wb") as out:
-            np.savez(out, image_emb=image_emb, text_emb=text_emb, key=np.array(key), meta=np.array(meta))
-        os.replace(tmp, path)
+        atomic_write(path, lambda out: np.savez(out, image_emb=image_emb, text_emb=text_emb, key=np.array(key),
+                                                meta=np.array(meta)))
         log.info("pool embeddings of %s cached in %s", pool, path)
     return image_emb, text_emb
 

@@ -17,7 +17,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 
 from bench import collect as K
 from bench import tables as T
