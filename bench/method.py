@@ -106,6 +106,38 @@ class Method(nn.Module):
             for n, v in state.items():
                 params[n].copy_(v)
 
+    # ---- optional hooks: own optimizer, state updated after each step ----------------------------
+    # The trainer keeps the schedule (it scales each param group's "lr"), clipping, precision, checkpointing
+    # (optimizer.state_dict() with every checkpoint) and evaluation; a method that defines none of these is
+    # trained with the trainer's AdamW and has nothing to update or save besides its trained parameters.
+    def make_optimizer(self, named_params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
+                       ) -> torch.optim.Optimizer | None:
+        """The method's own optimizer over `named_params` (its trainable parameters), with base learning rate lr
+        in every param group; its state must live in its state_dict (anything else must be a function of the
+        pretrained weights) so that a resumed run continues exactly. None (default): the trainer's AdamW
+        (bench.train.make_optimizer) with train.weight_decay."""
+        return None
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after the optimizer's step `step` (0-based) of `total_steps`, e.g. to update an EMA teacher.
+        State it changes belongs in extra_state(), or a resumed run diverges from an unbroken one."""
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """State besides the trained parameters that training changes (an EMA teacher): the live tensors, by
+        name. Saved with every checkpoint (key "method_extra") and copied back into these tensors on resume by
+        load_extra_state. Not part of checkpoint_state: WiSE-FT and final.pt see the trained parameters only."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.extra_state()
+        if own.keys() != state.keys():
+            missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise BenchError(f"checkpoint's extra state does not match method {type(self).name!r} (missing "
+                             f"{missing[:3]}, unknown {unknown[:3]}); it belongs to another method or version")
+        with torch.no_grad():
+            for n, v in state.items():
+                own[n].copy_(v)
+
     # ---- the loss: what a method must define ------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         """Define this, or `features` and `loss_from_features` (then this is their composition)."""

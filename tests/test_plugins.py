@@ -23,13 +23,13 @@ def plugin_file(tmp_path):
     path.parent.mkdir()
     path.write_text(code)
     yield path
-    METHODS.unregister("l2sp")
+    METHODS.unregister("my_l2sp")
     for name in [m for m in sys.modules if m.startswith("rft_bench_plugin_l2sp")]:
         del sys.modules[name]
 
 
 def test_the_documented_example_runs_end_to_end(plugin_file, embedded_root, tmp_path):
-    cfg = tiny_config(embedded_root, method="l2sp", plugins=[str(plugin_file)], hparams={"alpha": 0.5})
+    cfg = tiny_config(embedded_root, method="my_l2sp", plugins=[str(plugin_file)], hparams={"alpha": 0.5})
     out = run(cfg, tmp_path / "run", progress=False)
     rows = R.read_rows(out / R.RESULTS)
     assert (out / R.DONE).is_file() and any(r["metric"] == "penalty" and r["value"] > 0 for r in rows)
@@ -39,7 +39,7 @@ def test_the_documented_example_runs_end_to_end(plugin_file, embedded_root, tmp_
 def test_cli_lists_a_plugin_method(plugin_file):
     proc = subprocess.run([sys.executable, "-m", "bench", "methods", "--plugin", str(plugin_file)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "l2sp" in proc.stdout and "L2-SP" in proc.stdout
+    assert proc.returncode == 0 and "my_l2sp" in proc.stdout and "L2-SP" in proc.stdout
 
 
 def test_plugin_errors_are_one_line(tmp_path):
@@ -49,3 +49,29 @@ def test_plugin_errors_are_one_line(tmp_path):
     broken.write_text("import no_such_module_anywhere\n")
     with pytest.raises(BenchError, match=r"broken.py failed to import \(ModuleNotFoundError"):
         load_plugin(broken)
+
+
+@pytest.mark.parametrize("name", ["erm_head_no_decay", "erm_ema_teacher"])
+def test_the_documented_hook_examples_run_and_resume(name, embedded_root, tmp_path):
+    """docs/ADDING_A_METHOD.md's hook examples, as a user's own files: each runs, and resumes exactly."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    code = next(b for b in blocks if f'@register_method("{name}")' in b)
+    path = tmp_path / "userdir" / f"{name}.py"
+    path.parent.mkdir()
+    path.write_text(code)
+    try:
+        cfg = tiny_config(embedded_root, method=name, plugins=[str(path)])
+        a = run(cfg, tmp_path / "a", progress=False)
+        b = run(cfg, tmp_path / "b", progress=False, stop_after=3)
+        ckpt = torch.load(b / R.CHECKPOINT)
+        if name == "erm_ema_teacher":
+            assert ckpt["method_extra"] and all(k.startswith("teacher.") for k in ckpt["method_extra"])
+        else:  # the method's two groups, the head's without decay
+            assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [cfg.train.weight_decay, 0.0]
+        run(cfg, b, progress=False)
+        wa, wb = torch.load(a / R.FINAL)["method"], torch.load(b / R.FINAL)["method"]
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    finally:
+        METHODS.unregister(name)
+        for module in [m for m in sys.modules if m.startswith(f"rft_bench_plugin_{name}")]:
+            del sys.modules[module]
