@@ -76,17 +76,31 @@ def _mean_route(method, batch, pieces, autocast) -> tuple[float, dict]:
     return total, logs
 
 
-def _features_route(method, batch, pieces, autocast) -> tuple[float, dict]:
-    with torch.no_grad(), autocast():
+def _features_route(method, batch, pieces, autocast, dist=None) -> tuple[float, dict]:
+    """dist (bench/distributed.py): `pieces` are this rank's; every rank's features are gathered, so the loss is
+    the whole batch's; with one piece per rank its features are computed once, with gradients, and kept."""
+    keep = dist is not None and len(pieces) == 1
+    with torch.set_grad_enabled(keep), autocast():
         cached = [method.features(piece) for piece in pieces]
-    full = {key: torch.cat([c[key] for c in cached]).requires_grad_() for key in cached[0]}
+    full = {key: torch.cat([c[key].detach() for c in cached]) for key in cached[0]}
+    start = dict.fromkeys(full, 0)
+    if dist is not None:
+        from bench.distributed import gather_rows
+
+        full, start = gather_rows(full, dist)
+    full = {key: value.requires_grad_() for key, value in full.items()}
     with autocast():
         loss, logs = _loss_and_logs(method.loss_from_features(full, batch))
     loss.backward()  # the gradient of every feature row, and of the parameters the loss reads directly
-    start = dict.fromkeys(full, 0)
+    if dist is not None and not dist.main:  # those are counted once, by rank 0 (the caller zeroed .grad)
+        for p in method.parameters():
+            p.grad = None
     for piece, cache in zip(pieces, cached):
-        with autocast():
-            feats = method.features(piece)
+        if keep:
+            feats = cache
+        else:
+            with autocast():
+                feats = method.features(piece)
         tensors, grads = [], []
         for key, f in feats.items():
             n = len(cache[key])

@@ -207,6 +207,16 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+def _export_distributed_env() -> int:
+    """A job running as several Slurm tasks (launcher.slurm gpus or nodes > 1): torch's environment (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from Slurm's, through submitit; -> this task's rank."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        return TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True).rank
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _slurm_job_id() -> str | None:
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
@@ -242,7 +252,10 @@ class JobTask(_Checkpointable):
             logging.getLogger("bench").addHandler(handler)
             logging.getLogger("bench").setLevel(logging.INFO)
             logging.getLogger("bench").propagate = False  # a library's logging.info() may configure the root
-        beat = Heartbeat(run_dir, self.heartbeat_s, self.owner).start()
+        rank = _export_distributed_env()
+        beat = Heartbeat(run_dir, self.heartbeat_s, self.owner) if rank == 0 else None  # one per job: rank 0's
+        if beat is not None:
+            beat.start()
         try:
             import torch
 
@@ -258,7 +271,8 @@ class JobTask(_Checkpointable):
             atomic_write_text(run_dir / FAILED, traceback.format_exc())
             raise
         finally:  # KeyboardInterrupt / SystemExit (cancel, requeue): neither done nor failed
-            beat.stop()
+            if beat is not None:
+                beat.stop()
         return str(run_dir)
 
     def checkpoint(self, run_dir: str) -> Any:

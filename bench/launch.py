@@ -329,6 +329,8 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
         params["partition"] = sc.partition
     if sc.gpus:
         params["gpus_per_node"] = sc.gpus
+    if sc.gpus > 1 or sc.nodes > 1:  # one task per GPU, each running the job as one rank (bench/distributed.py)
+        params.update(ntasks_per_node=max(1, sc.gpus), nodes=sc.nodes)
     try:
         executor.update_parameters(**params)
     except ValueError as err:

@@ -76,7 +76,8 @@ class LocalLauncher:
 @dataclass(frozen=True)
 class SlurmLauncher:
     partition: str | None = None
-    gpus: int = 1  # per job
+    gpus: int = 1  # per job and node; more than 1: one Slurm task per GPU, a distributed job (bench/distributed.py)
+    nodes: int = 1  # per job; more than 1: a distributed job over gpus x nodes tasks
     cpus: int = 8  # per job (also its torch threads)
     mem_gb: float = 32
     time_min: int = 240  # per attempt; a job that times out is requeued and resumes
