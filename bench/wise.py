@@ -6,14 +6,12 @@ so FLYP + WiSE, CAR-FT + WiSE, ... are rows of their own in every table.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from bench import config as C
 from bench import results as R
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
@@ -42,10 +40,10 @@ def wise_rows(method: Method, theta0: dict, theta1: dict, alphas: Sequence[float
 
 
 def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, device: str = "cpu") -> int:
-    """Add (or replace) the WiSE-FT variants of a finished run; returns the number of rows written."""
-    from bench.method import build_method
-    from bench.models import load_clip
-    from bench.train import autocast_for, build_run_task, prepare, resolve_device
+    """Add (or replace) the WiSE-FT variants of a finished run; returns the number of rows written.
+
+    The combiner `wise` (combiners/wise.py) through bench.combine: one post-hoc combiner among several."""
+    from bench.combine import apply_to_run, build_combiner
 
     run_dir = Path(run_dir)
     if not (run_dir / R.DONE).is_file() or not (run_dir / R.FINAL).is_file():
@@ -54,20 +52,6 @@ def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, devic
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]
     if bad:
         raise BenchError(f"--alphas: {bad[0]} is outside [0, 1]")
-    record = json.loads((run_dir / R.CONFIG).read_text())
-    cfg = C.from_dict(C.RunConfig, record["config"], str(run_dir / R.CONFIG))
-    prep = prepare(cfg, str(run_dir / R.CONFIG))
-    dev = resolve_device(device)
-    task = build_run_task(cfg, str(run_dir / R.CONFIG))
-    torch.manual_seed(prep.seed)  # as in bench.train.run, so a random-init model starts from the same weights
-    clip = load_clip(cfg.model.name, cfg.model.pretrained, dev)
-    method = build_method(cfg.method, clip, task, dict(cfg.hparams)).to(dev)
-    theta0 = method.checkpoint_state()
-    final = torch.load(run_dir / R.FINAL, map_location=dev, weights_only=True)
-    data = EvalData(task, clip.preprocess_val, cfg.train.eval_batch_size, cfg.train.num_workers)
-    rows = wise_rows(method, theta0, final["method"], alphas, data, final["step"], dev, autocast_for(cfg.train.precision, dev))
-    names = {variant_name(a) for a in alphas}
-    kept = [r for r in R.read_rows(run_dir / R.RESULTS) if r.get("variant") not in names]
-    R.atomic_write_text(run_dir / R.RESULTS, "".join(json.dumps(r) + "\n" for r in kept + rows))
-    log.info("%s: wrote %d WiSE-FT rows (alphas %s)", run_dir, len(rows), ", ".join(f"{a:g}" for a in alphas))
-    return len(rows)
+    n = apply_to_run(build_combiner("wise", {"alphas": list(alphas)}), run_dir, device)
+    log.info("%s: wrote %d WiSE-FT rows (alphas %s)", run_dir, n, ", ".join(f"{a:g}" for a in alphas))
+    return n
