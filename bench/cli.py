@@ -140,6 +140,33 @@ def cmd_wise(args) -> None:
         print(f"{run_dir}: {n} rows")
 
 
+def cmd_combine(args) -> None:
+    from bench import config as C
+    from bench.combine import build_combiner, combine_runs
+    from bench.method import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    options: dict = {}
+    for text in args.opt:
+        options = C.merge(options, C.parse_override(text, "--opt"))
+    combiner = build_combiner(args.combiner, options)
+    for folder in combine_runs(args.runs, combiner, args.out, args.group_by, args.method, args.device):
+        print(folder)
+
+
+def cmd_combiners(args) -> None:
+    from bench.combine import COMBINERS, load_builtin_combiners
+    from bench.method import load_plugin
+
+    load_builtin_combiners()
+    for p in args.plugin:
+        load_plugin(p)
+    for name, cls in COMBINERS.items():
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
+        print(f"{name:12s} {doc[0] if doc else ''}")
+
+
 def _sweep_plan(args):
     """Load, validate in full and plan a sweep (nothing is written)."""
     from bench import launch as L
@@ -298,6 +325,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", help="default: 0, 0.1, ..., 1")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_wise)
+
+    p = sub.add_parser("combine", help="combine finished runs of each task post hoc (soup, model_stock, wise): "
+                                       "new rows such as erm+soup:greedy (docs/METHODS.md)")
+    p.add_argument("--runs", required=True, help="results folder, searched for done runs that kept final.pt")
+    p.add_argument("--combiner", required=True, help="a registered combiner (`bench combiners`)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a combiner option, e.g. alphas=[0,0.5,1] for wise")
+    p.add_argument("--group-by", default="method", choices=["method", "hp"],
+                   help="members of a task: method (default: any hparams and training seeds of one method) or hp "
+                        "(the same hparams, training seeds only); always one dataset, held-out set, trial seed")
+    p.add_argument("--method", action="append", default=[], help="only runs of this method (repeatable)")
+    p.add_argument("--out", help="folder of the combined runs (default <runs>/combined)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plugin", action="append", default=[], help="a .py file registering more combiners")
+    p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("combiners", help="list the registered post-hoc combiners")
+    p.add_argument("--plugin", action="append", default=[], help="a .py file registering more combiners")
+    p.set_defaults(func=cmd_combiners)
 
     p = sub.add_parser("sweep", help="launch every job of a sweep file that is not done, running or queued")
     p.add_argument("file")

@@ -224,6 +224,8 @@ def _hp_key(config: dict, hparams: dict) -> str:
         if drop is None:
             continue
         d[key] = {k: v for k, v in value.items() if k not in drop} if drop and isinstance(value, dict) else value
+    if isinstance(d.get("train"), dict) and not d["train"].get("seed_offset"):  # 0 = absent (configs before it)
+        d["train"] = {k: v for k, v in d["train"].items() if k != "seed_offset"}
     d["resolved_hparams"] = hparams
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -70,6 +70,10 @@ class TrainConfig:
     # gradient accumulation: each step's batch is split into this many micro-batches (batch_size must be a
     # multiple), one optimizer step per batch; the same step with less memory (bench/accumulate.py)
     accum_steps: int = 1
+    # another training seed for the same task (data order, augmentation, every draw of the loss): the seed is
+    # derived from the job's identity, which holds this key when it is not 0. Post-hoc combiners (soups, Model
+    # Stock: bench/combine.py) need several fine-tuned runs of one task; sweeps/embedded_soups.yaml draws them.
+    seed_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,8 @@ NOT_IDENTITY = {("data", "root"), ("train", "num_workers"), ("train", "device"),
 
 # Keys added after job ids were first pinned: part of a job's identity only when set to a non-default value,
 # so that every job id computed before they existed stays the same.
-_IDENTITY_IF_SET = {("data", "classes"): "card", ("data", "zeroshot_suite"): [], ("train", "suite_every"): 1}
+_IDENTITY_IF_SET = {("data", "classes"): "card", ("data", "zeroshot_suite"): [], ("train", "suite_every"): 1,
+                    ("train", "seed_offset"): 0}
 
 CLASS_SPLITS = ("card", "base_to_novel")
 
@@ -197,6 +202,7 @@ _TRAIN_BOUNDS = {
     "prefetch_factor": (1, False, "batches each DataLoader worker keeps ready"),
     "suite_every": (1, False, "evaluate data.zeroshot_suite at every k-th evaluation"),
     "accum_steps": (1, False, "micro-batches per step (gradient accumulation); 1 disables it"),
+    "seed_offset": (0, False, "another training seed for the same task; 0 is the job's own"),
 }
 
 

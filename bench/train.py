@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench import config as C
+from bench import distributed as D
 from bench import results as R
 from bench import trackers as T
 from bench.accumulate import accumulate, check_accumulation
@@ -81,13 +82,27 @@ def make_optimizer(named_params, lr: float, weight_decay: float) -> torch.optim.
         return torch.optim.AdamW(groups, lr=lr)
 
 
+def build_optimizer(method, named_params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The method's own optimizer (Method.make_optimizer), or else the trainer's AdamW."""
+    optimizer = method.make_optimizer(named_params, lr, weight_decay)
+    if optimizer is None:
+        return make_optimizer(named_params, lr, weight_decay)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise BenchError(f"method {type(method).name!r}: make_optimizer returned {type(optimizer).__name__}; "
+                         f"return a torch.optim.Optimizer, or None for the trainer's AdamW")
+    return optimizer
+
+
 def train_step(method, batch: dict, optimizer, scheduler, params: list, grad_clip: float, autocast,
-               accum_steps: int = 1) -> tuple[float, dict]:
+               accum_steps: int = 1, dist: D.Dist | None = None) -> tuple[float, dict]:
     """One optimisation step: the method's loss, backward, clipping, AdamW, schedule. -> (loss, logs).
 
-    accum_steps > 1: the same gradient from that many micro-batches (bench/accumulate.py)."""
+    accum_steps > 1: the same gradient from that many micro-batches (bench/accumulate.py); dist: this rank's
+    share of a distributed step, its gradient summed over ranks (bench/distributed.py)."""
     optimizer.zero_grad(set_to_none=True)
-    if accum_steps > 1:
+    if dist is not None and dist.active:
+        loss, logs = D.step(method, batch, accum_steps, autocast, dist)
+    elif accum_steps > 1:
         loss, logs = accumulate(method, batch, accum_steps, autocast)
     else:
         with autocast():
@@ -98,6 +113,7 @@ def train_step(method, batch: dict, optimizer, scheduler, params: list, grad_cli
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
+    method.after_step(batch["step"], batch["total_steps"])  # e.g. an EMA teacher (Method.after_step)
     scheduler.step()
     return loss, logs
 
@@ -226,11 +242,16 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         log.info("%s is done already", run_dir)
         return run_dir
     tc = cfg.train
-    device = resolve_device(tc.device)
+    D.check(METHODS.get(cfg.method), tc.batch_size, tc.accum_steps, D.env_world()[1], source)
+    dist, device = D.setup(resolve_device(tc.device), tc.device, source)  # torchrun / Slurm tasks: rank of world
     autocast = autocast_for(tc.precision, device)
-    task = build_run_task(cfg, source, progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, prep)
+    if not dist.main:  # rank 0 draws generated data (the embedded benchmark) first, alone
+        dist.barrier()
+    task = build_run_task(cfg, source, progress and dist.main)
+    if dist.main:  # only rank 0 writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, prep)
+        dist.barrier()
 
     torch.manual_seed(prep.seed)
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device)
@@ -240,7 +261,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     named = method.trainable_parameters()
     if method.trains and not named:
         raise BenchError(f"method {cfg.method!r} trains no parameters; call self.train_only(...) in its __init__")
-    optimizer = make_optimizer(named, tc.lr, tc.weight_decay) if steps else None
+    optimizer = build_optimizer(method, named, tc.lr, tc.weight_decay) if steps else None
     scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, steps))
                  if steps else None)
 
@@ -249,15 +270,19 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain values only
         method.load_checkpoint_state(ckpt["method"])
+        method.load_extra_state(ckpt.get("method_extra", {}))  # absent from checkpoints of older versions
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
         start = ckpt["step"]
         log.info("%s: resuming from step %d", run_dir, start)
+    D.broadcast_parameters(method, dist)
     resume_step = start if ckpt_path.is_file() else None
-    trackers = T.open_trackers(cfg.trackers, run_dir, prep.job_id, {"config": C.to_dict(cfg), "hparams":
-                               hparams_dict(prep.hparams), "job_id": prep.job_id}, resume_step, source)
-    writer = R.ResultsWriter(run_dir / R.RESULTS, resume_step=resume_step, on_write=trackers.log)
+    trackers = T.open_trackers(cfg.trackers if dist.main else C.TrackersConfig(), run_dir, prep.job_id,
+                               {"config": C.to_dict(cfg), "hparams": hparams_dict(prep.hparams),
+                                "job_id": prep.job_id}, resume_step, source)
+    writer = (R.ResultsWriter(run_dir / R.RESULTS, resume_step=resume_step, on_write=trackers.log)
+              if dist.main else None)
 
     pin = device.type == "cuda"  # page-locked batches: asynchronous host-to-device copies (non_blocking below)
     eval_data = EvalData(task, clip.preprocess_val, tc.eval_batch_size, tc.num_workers, pin, tc.prefetch_factor)
@@ -265,11 +290,15 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     sampler = StepSampler([len(task.train[d]) for d in task.train_domains], tc.batch_size, prep.seed, start, steps)
     loader = torch.utils.data.DataLoader(
         ImageItems(train_items, clip.preprocess_train if tc.augment else clip.preprocess_val),
-        batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=pin,
+        batch_sampler=D.RankSlice(sampler, dist) if dist.active else sampler, num_workers=tc.num_workers,
+        pin_memory=pin,
         prefetch_factor=tc.prefetch_factor if tc.num_workers else None)
     domain_of = torch.tensor([i for i, d in enumerate(task.train_domains) for _ in task.train[d]])
+    labels_of = torch.tensor([label for _, label in train_items])
 
     def log_eval(step: int, extra: list[dict]) -> None:
+        if not dist.main:  # rank 0 evaluates; the others wait
+            return dist.barrier()
         # the suite (role zeroshot_xd): at every suite_every-th evaluation (a function of the step alone, so a
         # resumed run evaluates it where an unbroken one does) and at the last step
         suite = (step // tc.eval_every) % tc.suite_every == 0 or step == steps
@@ -277,10 +306,12 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         writer.write(rows)
         accs = {r["role"]: r["value"] for r in rows if r["metric"] == "acc"}
         log.info("%s step %d: %s", run_dir.name, step, " ".join(f"{k}={v:.3f}" for k, v in sorted(accs.items())))
+        dist.barrier()
 
     if start == 0:
         log_eval(0, [])
-    bar = _progress(progress and steps > 0, total=steps, initial=start, desc=f"{cfg.method} {run_dir.name[:8]}")
+    bar = _progress(progress and steps > 0 and dist.main, total=steps, initial=start,
+                    desc=f"{cfg.method} {run_dir.name[:8]}")
     method.train()
     losses, t_last, n_last = [], time.perf_counter(), 0
     for step, (x, y, idx) in enumerate(iterate(loader), start=start):
@@ -288,8 +319,11 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device, non_blocking=True), "index": idx,
                  "domains": domain_of[idx].to(device, non_blocking=True), "step": step,
                  "total_steps": steps, "deterministic_images": not tc.augment}
+        if dist.active:  # this rank's slice, with the draws of the whole batch (bench/distributed.py)
+            index = torch.tensor([i for i, _ in sampler.keys(step)])
+            batch = D.rank_batch(method, batch, index, labels_of, domain_of, dist, autocast)
         loss, logs = train_step(method, batch, optimizer, scheduler, [p for _, p in named], tc.grad_clip, autocast,
-                                tc.accum_steps)
+                                tc.accum_steps, dist)
         if not math.isfinite(loss):
             raise BenchError(f"{run_dir}: loss is {loss} at step {step}; lower train.lr or check the data")
         losses.append(loss)
@@ -307,25 +341,31 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
             log_eval(done_steps, extra)
             losses, n_last = [], 0
             t_last = time.perf_counter()
-        if done_steps % tc.checkpoint_every == 0 or done_steps == steps:
+        if dist.main and (done_steps % tc.checkpoint_every == 0 or done_steps == steps):
             R.atomic_torch_save({"step": done_steps, "method": method.checkpoint_state(),
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt_path)
+                                 "method_extra": method.extra_state(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict()}, ckpt_path)
         if stop_after is not None and done_steps >= stop_after:
             bar.close()
             trackers.close()
             eval_data.close()
+            dist.barrier()  # the run folder is complete when any rank returns
+            dist.close()
             return run_dir
     bar.close()
-    if theta0 is not None:
+    if theta0 is not None and dist.main:
         writer.write(wise_rows(method, theta0, method.checkpoint_state(), cfg.wise_alphas, eval_data, steps, device,
                                autocast))
-    if tc.save_final and method.trains:
+    if tc.save_final and method.trains and dist.main:
         R.atomic_torch_save({"step": steps, "method": method.checkpoint_state()}, run_dir / R.FINAL)
     trackers.close()
     eval_data.close()
-    if ckpt_path.is_file():
-        ckpt_path.unlink()
-    R.atomic_write_text(run_dir / R.DONE, "")
+    if dist.main:
+        if ckpt_path.is_file():
+            ckpt_path.unlink()
+        R.atomic_write_text(run_dir / R.DONE, "")
+    dist.barrier()
+    dist.close()
     return run_dir
 
 
