@@ -779,16 +779,19 @@ def mean_se(values) -> tuple[float, float, int]:
 # ---------------------------------------------------------------------------------------------- costs
 
 def job_costs(coll: Collection) -> pd.DataFrame:
-    """Per done job: train steps, train seconds (step_time x steps), mean step time, peak memory (MB)."""
+    """Per done job: train steps, train seconds (step_time x steps), mean step time, peak memory (MB), and
+    evaluation seconds (the eval_time rows; NaN for runs written before they were logged)."""
     rows = coll.rows
     tr = rows[(rows["role"] == "train") & (rows["variant"] == "")]
     st = tr[tr["metric"] == "step_time"]
     sec = (st["value"] * st["n"].fillna(0)).groupby(st["job"]).sum()
     n = st["n"].fillna(0).groupby(st["job"]).sum()
     mem = tr.loc[tr["metric"] == "peak_mem_mb", "value"].groupby(tr.loc[tr["metric"] == "peak_mem_mb", "job"]).max()
+    ev = tr[tr["metric"] == "eval_time"]
+    eval_sec = ev["value"].groupby(ev["job"]).sum()
     done = coll.jobs[coll.jobs["state"] == "done"].set_index("job")[["method", "dataset"]]
     out = done.assign(steps=n.reindex(done.index).fillna(0), seconds=sec.reindex(done.index).fillna(0),
-                      peak_mem_mb=mem.reindex(done.index))
+                      peak_mem_mb=mem.reindex(done.index), eval_seconds=eval_sec.reindex(done.index))
     return out.reset_index()
 
 

@@ -24,6 +24,8 @@ COST_COLUMNS = {  # key -> (header, unit, digits)
     "cost:step_time": ("step time (s)", "mean seconds per training step", 3),
     "cost:peak_mem": ("peak mem (MB)", "largest peak memory of a job", 0),
     "cost:compute": ("compute (h)", "training time of all the row's jobs, summed", 2),
+    "cost:eval_share": ("eval (%)", "share of its jobs' time spent evaluating: evaluation / (training + evaluation)",
+                        1),
 }
 
 
@@ -311,6 +313,14 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
                     section.cells[(lab, key)] = Cell(notes=note)
                 continue
             section.cells[(lab, "cost:compute")] = Cell(secs / 3600, None, len(c))
+            timed = c.dropna(subset=["eval_seconds"])
+            if len(timed):
+                ev = timed["eval_seconds"].sum()
+                section.cells[(lab, "cost:eval_share")] = Cell(100 * ev / max(ev + timed["seconds"].sum(), 1e-12),
+                                                               None, len(timed))
+            else:
+                section.cells[(lab, "cost:eval_share")] = Cell(notes=[notes.add(
+                    f"{method}: no evaluation times in its results (runs written before they were logged).")])
             if not len(trained):
                 note = [notes.add(f"{method}: its jobs train no steps (no step time or training memory).")]
                 section.cells[(lab, "cost:step_time")] = Cell(notes=note)

@@ -302,7 +302,11 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         # the suite (role zeroshot_xd): at every suite_every-th evaluation (a function of the step alone, so a
         # resumed run evaluates it where an unbroken one does) and at the last step
         suite = (step // tc.eval_every) % tc.suite_every == 0 or step == steps
-        rows = evaluate(method, eval_data, step, device, autocast, suite=suite) + extra
+        t0 = time.perf_counter()
+        rows = evaluate(method, eval_data, step, device, autocast, suite=suite)
+        rows.append({"step": step, "role": "train", "domain": None, "split": None, "metric": "eval_time",
+                     "value": time.perf_counter() - t0, "n": 1})  # seconds: the cost table's evaluation share
+        rows += extra
         writer.write(rows)
         accs = {r["role"]: r["value"] for r in rows if r["metric"] == "acc"}
         log.info("%s step %d: %s", run_dir.name, step, " ".join(f"{k}={v:.3f}" for k, v in sorted(accs.items())))

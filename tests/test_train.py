@@ -79,3 +79,17 @@ def test_a_done_run_is_not_rerun_and_another_job_cannot_reuse_its_folder(embedde
         run(tiny_config(embedded_root, **{"train.lr": 0.5}), out, progress=False)
     assert (out / R.RESULTS).read_text() == before
     assert json.loads((out / R.CONFIG).read_text())["config"]["method"] == "zeroshot"
+
+
+def test_every_evaluation_logs_its_time_and_the_cost_table_shows_the_evaluation_share(embedded_root, tmp_path):
+    from bench import collect as K
+    from bench import tables as T
+
+    run_dir = run(tiny_config(embedded_root), tmp_path / "runs" / "erm", progress=False)
+    rows = R.read_rows(run_dir / R.RESULTS)
+    evals = {r["step"]: r["value"] for r in rows if r["metric"] == "eval_time"}
+    assert sorted(evals) == [0, 3, 6] and all(v > 0 for v in evals.values())  # step 0, every eval_every, the last
+    train = sum(r["value"] * r["n"] for r in rows if r["metric"] == "step_time")
+    section = T.build(K.load(tmp_path / "runs"), "ood_avg", cost=True).sections[0]
+    share = section.cells[("erm", "cost:eval_share")].mean
+    assert share == pytest.approx(100 * sum(evals.values()) / (sum(evals.values()) + train))
