@@ -354,7 +354,7 @@ def test_shipped_sweeps_expand(name):
         quick = S.load_sweep(path.parent / "quickstart.yaml")
         assert {j.cfg.data.test_domains for j in jobs} == {("photo",), ("sketch",), ("cartoon",), ("painting",)}
         assert len(jobs) == len(sw.methods) * 4 * 3 and sw.methods[:len(quick.methods)] == quick.methods
-        assert sw.methods[len(quick.methods):] == ("l2sp", "carot", "spd")  # issue 11's methods: embedded only
+        assert sw.methods[len(quick.methods):] == ("l2sp", "carot", "spd", "lora")  # issue 11's methods: embedded only
         longer = {**quick.base, "train": {**quick.base["train"], "steps": 600}}
         assert sw.base == longer
     if "zeroshot" in per_method:
