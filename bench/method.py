@@ -17,6 +17,10 @@ checkpointing and evaluation, so every method gets the same protocol.
 
         def loss(self, batch):
             return F.cross_entropy(self.predict(batch["images"]), batch["labels"])
+
+A method that extends another extends its Hparams too (`class Hparams(ERM.Hparams):`, also a frozen
+dataclass) and declares only its new fields, or a field whose default it changes; the parent's fields come
+first. SEARCH, a class attribute, is inherited unless the subclass's Hparams sets its own.
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def embedded_corpus_pool(root: Path, n: int, seed: int) -> PairPool:
 @register_method("arf")
 class ARF(FLYP):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(FLYP.Hparams):
         caption_anchors: bool = True
         retrieval_anchors: bool = True
         lam_caption: float = 1.0

@@ -25,11 +25,10 @@ from methods.reference import FrozenImageFeatures
 @register_method("car_ft")
 class CARFT(ERM):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(ERM.Hparams):
         lam: float = 1.0
         temperature: float = 0.0  # 0 = the pretrained logit scale (100 for OpenAI CLIP)
         kl_direction: str = "zs_ft"  # zs_ft = KL(p_zeroshot || p_finetuned); ft_zs = the reverse
-        label_smoothing: float = 0.0
 
     @classmethod
     def check_hparams(cls, hparams):

@@ -60,7 +60,7 @@ def ema_momentum(step: int, total_steps: int, m_start: float, m_end: float, warm
 @register_method("carot")
 class CaRot(FLYP):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(FLYP.Hparams):
         lam_distill: float = 1.5  # --distil_coef (carot.sh)
         lam_orth: float = 0.2  # --l_orth_wv (carot.sh)
         lam_cross: float = 0.05  # --cross_fnorm (carot.sh)

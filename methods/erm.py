@@ -39,7 +39,8 @@ class ERM(Method):
 
     @classmethod
     def check_hparams(cls, hparams):
-        # a subclass with Hparams of its own may not have label_smoothing (docs/ADDING_A_METHOD.md's example)
+        # Shipped subclasses inherit label_smoothing (class Hparams(ERM.Hparams)); a user's plugin written before
+        # that (docs/ADDING_A_METHOD.md's example once had a plain `class Hparams:`) may lack it: keep those working.
         if hasattr(hparams, "label_smoothing"):
             check_range(hparams, "label_smoothing", 0, 1, hi_open=True, what="cross-entropy label smoothing")
 

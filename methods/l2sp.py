@@ -27,10 +27,9 @@ def l2sp_penalty(named_params, start: dict[str, torch.Tensor]) -> torch.Tensor:
 @register_method("l2sp")
 class L2SP(ERM):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(ERM.Hparams):
         alpha: float = 0.1  # towards the pretrained image tower (the paper's default alpha)
         beta: float = 0.0  # the paper's new-layer L2 on the head's weight (0.01 there; here the head is not new)
-        label_smoothing: float = 0.0
 
     @classmethod
     def check_hparams(cls, hparams):

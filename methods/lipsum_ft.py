@@ -31,11 +31,10 @@ def random_token_texts(m: int, length: int, sot: int, eot: int, device: torch.de
 @register_method("lipsum_ft")
 class LipsumFT(ERM):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(ERM.Hparams):
         lam: float = 1.0
         num_texts: int = 80  # M
         text_length: int = 8  # L
-        label_smoothing: float = 0.0
 
     @classmethod
     def check_hparams(cls, hparams):

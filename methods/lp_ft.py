@@ -45,10 +45,9 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, weight: torch
 @register_method("lp_ft")
 class LPFT(ERM):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(ERM.Hparams):
         lp_l2: float = 1e-4  # L2 weight of the probe's logistic regression (on the mean cross-entropy)
         lp_max_iter: int = 200  # L-BFGS iterations
-        label_smoothing: float = 0.0
 
     @classmethod
     def check_hparams(cls, hparams):

@@ -97,9 +97,8 @@ class AdamSPD(torch.optim.Optimizer):
 @register_method("spd")
 class SPD(ERM):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(ERM.Hparams):
         strength: float = 1.0  # lambda, the reference's weight_decay of AdamSPD (default: UNVERIFIED, docs/METHODS.md)
-        label_smoothing: float = 0.0
 
     @classmethod
     def check_hparams(cls, hparams):

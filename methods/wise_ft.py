@@ -21,9 +21,8 @@ from methods.erm import ERM
 @register_method("wise_ft")
 class WiSEFT(ERM):
     @dataclass(frozen=True)
-    class Hparams:
+    class Hparams(ERM.Hparams):
         alpha: float = 0.5  # 0 = the zero-shot model, 1 = the fine-tuned one (wise-ft's CLI default is 0.5)
-        label_smoothing: float = 0.0
 
     @classmethod
     def check_hparams(cls, hparams):

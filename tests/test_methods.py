@@ -8,7 +8,7 @@ import torch
 from bench import results as R
 from bench.data import build_task, load_card
 from bench.losses import contrastive_loss, interpolate, kl_divergence
-from bench.method import METHODS, build_method, load_builtin_methods
+from bench.method import METHODS, Method, build_method, load_builtin_methods
 from bench.models import load_clip
 from bench.train import run
 from tests.conftest import tiny_config
@@ -43,6 +43,14 @@ def loss_of(out):
 
 def test_every_shipped_method_is_registered():
     assert {"zeroshot", "erm", "wise_ft", "flyp", "car_ft", "lipsum_ft", "lp_ft", "arf"} <= set(METHODS)
+
+
+def test_a_shipped_method_that_extends_another_extends_its_hparams():
+    """class Hparams(ERM.Hparams): the parent's keys (label_smoothing, which ERM.loss reads) are never lost."""
+    for name, cls in METHODS.items():
+        parent = cls.__mro__[1]
+        if cls.__module__.startswith("methods.") and parent is not Method:
+            assert issubclass(cls.Hparams, parent.Hparams), f"{name}: class Hparams({parent.__name__}.Hparams)"
 
 
 @pytest.mark.parametrize("name", TRAINED)

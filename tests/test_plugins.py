@@ -9,7 +9,7 @@ import torch
 
 from bench import results as R
 from bench.errors import BenchError
-from bench.method import METHODS, load_plugin
+from bench.method import METHODS, load_plugin, resolve_hparams
 from bench.train import run
 from tests.conftest import tiny_config
 
@@ -49,6 +49,22 @@ def test_plugin_errors_are_one_line(tmp_path):
     broken.write_text("import no_such_module_anywhere\n")
     with pytest.raises(BenchError, match=r"broken.py failed to import \(ModuleNotFoundError"):
         load_plugin(broken)
+
+
+def test_a_plugin_whose_hparams_do_not_extend_erms_still_loads(tmp_path):
+    """Plugins written before Hparams inherited (the documented example had a plain `class Hparams:` without
+    label_smoothing): ERM.check_hparams must not require the key."""
+    path = tmp_path / "old_style.py"
+    path.write_text("from dataclasses import dataclass\nfrom bench.method import register_method\n"
+                    "from methods.erm import ERM\n\n\n@register_method('old_style_erm')\nclass OldStyle(ERM):\n"
+                    "    @dataclass(frozen=True)\n    class Hparams:\n        alpha: float = 0.1\n")
+    try:
+        load_plugin(path)
+        assert resolve_hparams("old_style_erm", {"alpha": 0.5}).alpha == 0.5
+    finally:
+        METHODS.unregister("old_style_erm")
+        for module in [m for m in sys.modules if m.startswith("rft_bench_plugin_old_style")]:
+            del sys.modules[module]
 
 
 @pytest.mark.parametrize("name", ["erm_head_no_decay", "erm_ema_teacher"])
