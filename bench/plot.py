@@ -112,12 +112,7 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
                frameon=False)
     rule = K.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Selection: {rule}; mean ± standard error over trial seeds", fontsize=10.5)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_name(out.name + ".png"), out.with_name(out.name + ".pdf")]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
-    return paths
+    return save_figure(fig, out)
 
 
 def reliability_bins(coll: K.Collection, selection: str = "train_val", datasets: list[str] | None = None
@@ -198,6 +193,11 @@ def reliability(coll: K.Collection, out: str | Path, selection: str = "train_val
     rule = K.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Reliability: 15 confidence bins, pooled over trial seeds and domains; marker area ~ share of "
                  f"samples; the diagonal is perfect calibration.\nSelection: {rule}", fontsize=10)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> list[Path]:
+    """`out`.png (150 dpi) and `out`.pdf, the folder made if missing; returns both paths."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_name(out.name + ".png"), out.with_name(out.name + ".pdf")]
