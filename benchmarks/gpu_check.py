@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import gc
 import json
-import math
 import platform
 import statistics
 import sys
@@ -42,7 +41,7 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_cost import bare_stepper, harness_stepper, make_batch  # noqa: E402
+from method_cost import bare_stepper, harness_stepper, make_batch, method_hparams  # noqa: E402
 
 from bench.data import EvalSet, ImageItems, StepSampler, build_task, ensure_generated, iterate, load_card  # noqa: E402
 from bench.evaluate import EvalData, evaluate  # noqa: E402
@@ -294,11 +293,7 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cpu" if args.cpu else "cuda")
     autocast = autocast_for("auto", device)  # bf16 autocast on CUDA, as the trainer's default; fp32 on the CPU
-    hparams: dict[str, dict] = {}
-    for text in args.hparams:
-        key, _, value = text.partition("=")
-        method, _, name = key.partition(".")
-        hparams.setdefault(method, {})[name] = yaml.safe_load(value)
+    hparams = method_hparams(args.hparams)
     load_builtin_methods()
     card = load_card("embedded")
     ensure_generated(card, args.root, progress=False)

@@ -58,6 +58,16 @@ def make_batch(task, clip, n: int) -> dict:
             "total_steps": 10**6, "deterministic_images": True}
 
 
+def method_hparams(texts: list[str]) -> dict[str, dict]:
+    """--hparams METHOD.KEY=VALUE ... -> {method: {key: value}} (values parsed as YAML)."""
+    hparams: dict[str, dict] = {}
+    for text in texts:
+        key, _, value = text.partition("=")
+        method, _, name = key.partition(".")
+        hparams.setdefault(method, {})[name] = yaml.safe_load(value)
+    return hparams
+
+
 def harness_stepper(name, get_clip, task, hparams=None, device="cpu", autocast=contextlib.nullcontext):
     """-> (the method, step(batch): one training step of it on `batch`, on `device` under `autocast`)."""
     clip = get_clip()
@@ -183,11 +193,7 @@ def main() -> None:
                     help="build every method on one model (each keeps its own trained set, optimizer, head and "
                          "frozen reference): ten ViT-B-16 copies with their AdamW states would not fit in memory")
     args = ap.parse_args()
-    hparams: dict[str, dict] = {}
-    for text_ in args.hparams:
-        key, _, value = text_.partition("=")
-        method, _, name = key.partition(".")
-        hparams.setdefault(method, {})[name] = yaml.safe_load(value)
+    hparams = method_hparams(args.hparams)
 
     load_builtin_methods()
     card = load_card("embedded")
