@@ -33,15 +33,20 @@ def cmd_run(args) -> None:
     print(out)
 
 
+def _print_registry(registry) -> None:
+    """One line per registered name: the name and the first line of its module's (or class's) docstring."""
+    for name, cls in registry.items():
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
+        print(f"{name:12s} {doc[0] if doc else ''}")
+
+
 def cmd_methods(args) -> None:
     from bench.method import METHODS, load_builtin_methods, load_plugin
 
     load_builtin_methods()
     for p in args.plugin:
         load_plugin(p)
-    for name, cls in METHODS.items():
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
-        print(f"{name:12s} {doc[0] if doc else ''}")
+    _print_registry(METHODS)
 
 
 def cmd_datasets(args) -> None:
@@ -162,9 +167,7 @@ def cmd_combiners(args) -> None:
     load_builtin_combiners()
     for p in args.plugin:
         load_plugin(p)
-    for name, cls in COMBINERS.items():
-        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().splitlines()
-        print(f"{name:12s} {doc[0] if doc else ''}")
+    _print_registry(COMBINERS)
 
 
 def _sweep_plan(args):
