@@ -14,7 +14,7 @@ from bench.method import resolve_hparams
 from bench.train import run
 from methods.lora import LoRADelta
 from tests.conftest import tiny_config
-from tests.test_methods import batch_of, make
+from tests.test_methods import assert_wise_ends, batch_of, make
 
 
 def randomize(method, seed=0, scale=0.1):
@@ -150,12 +150,4 @@ def test_a_run_resumes_exactly_and_wise_ends_are_exact(embedded_root, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(".A." in k or ".B." in k for k in wa) and any(wa[k].abs().sum() > 0 for k in wa if ".B." in k)
     zs = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
-    rows = R.read_rows(a / R.RESULTS)
-
-    def accs(rs):
-        return sorted((r["role"], r["domain"], r["value"]) for r in rs if r["metric"] == "acc")
-
-    assert accs(r for r in rows if r.get("variant") == "wise:0") == accs(R.read_rows(zs / R.RESULTS))
-    last = max(r["step"] for r in rows)
-    assert accs(r for r in rows if r.get("variant") == "wise:1") == accs(
-        r for r in rows if "variant" not in r and r["step"] == last)
+    assert_wise_ends(R.read_rows(a / R.RESULTS), zs)

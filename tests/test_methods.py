@@ -127,18 +127,23 @@ def test_wise_ft_at_alpha_0_is_the_zeroshot_model_and_at_1_the_finetuned_one(emb
     assert not torch.equal(finetuned, zeroshot)
 
 
+def accs(rows):
+    return sorted((r["role"], r["domain"], r["value"]) for r in rows if r["metric"] == "acc")
+
+
+def assert_wise_ends(rows, zeroshot_dir):
+    """A run's wise:0 rows are the zero-shot run's, its wise:1 rows its own last step's."""
+    assert accs(r for r in rows if r.get("variant") == "wise:0") == accs(R.read_rows(zeroshot_dir / R.RESULTS))
+    last = max(r["step"] for r in rows)
+    assert accs(r for r in rows if r.get("variant") == "wise:1") == accs(
+        r for r in rows if "variant" not in r and r["step"] == last)
+
+
 def test_posthoc_wise_variants_reproduce_zeroshot_and_finetuned_rows(embedded_root, tmp_path):
     zs = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
     ft = run(tiny_config(embedded_root, method="flyp", wise_alphas=[0.0, 0.5, 1.0]), tmp_path / "ft", progress=False)
     rows = R.read_rows(ft / R.RESULTS)
-
-    def accs(rs):
-        return sorted((r["role"], r["domain"], r["value"]) for r in rs if r["metric"] == "acc")
-
-    assert accs(r for r in rows if r.get("variant") == "wise:0") == accs(R.read_rows(zs / R.RESULTS))
-    last = max(r["step"] for r in rows)
-    assert accs(r for r in rows if r.get("variant") == "wise:1") == accs(
-        r for r in rows if "variant" not in r and r["step"] == last)
+    assert_wise_ends(rows, zs)
     # the same variants again, post hoc from the saved weights, with no retraining
     from bench.wise import posthoc
 
