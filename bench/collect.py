@@ -348,17 +348,10 @@ def _read_cache(root: Path) -> tuple[dict, dict] | None:
 
 def _write_cache(root: Path, files: list, arrays: dict, strings: dict) -> None:
     meta = {"version": CACHE_VERSION, "files": files, "strings": strings}
-    tmp = root / f".{CACHE}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, root / CACHE)
+        R.atomic_write(root / CACHE, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
     except OSError as err:  # a read-only results folder: no cache, same table
         log.debug("%s: cache not written (%s)", root, err)
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
 
 
 def _load_rows(root: Path, done: list[tuple[int, str]], skipped: list[str], use_cache: bool,
