@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EMBED_CACHE_VERSION = 2  # 2: text encoded without unused padding columns (bench.text.encode_text): other rounding
-BY = ("text", "image", "both")
+BY = ("text", "image", "both", "random")  # random: k pairs drawn uniformly, no query (an ablation baseline)
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 _CHUNK = 65536  # pool rows scored at once by `retrieve`
 
@@ -403,5 +403,10 @@ def retrieve(query_emb: Any, pool_emb: Any, k: int, per_class: bool = False) -> 
 
 def retrieve_for_task(clip: "Clip", classnames: Sequence[str], templates: Sequence[str], image_emb: np.ndarray,
                       text_emb: np.ndarray, k: int, by: str = "text", per_class: bool = False) -> np.ndarray:
-    """:func:`retrieve` with the task's class prompts as queries and the pool scored ``by`` text/image/both."""
+    """:func:`retrieve` with the task's class prompts as queries and the pool scored ``by`` text/image/both;
+    ``by="random"``: k rows drawn uniformly without replacement (seed 0; no query, so no similarity to the task),
+    in draw order: ARF's retrieval ablation (docs/ARF.md)."""
+    if by == "random":
+        n = len(text_emb)
+        return np.random.default_rng(0).choice(n, size=min(int(k), n), replace=False).astype(np.int64)
     return retrieve(class_queries(clip, classnames, templates), pool_embedding(image_emb, text_emb, by), k, per_class)

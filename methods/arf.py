@@ -62,7 +62,7 @@ class ARF(FLYP):
         pool_seed: int = 1  # embedded pool only: the seed of the shipped tiny CLIP's pretraining corpus
         top_k: int = 2000
         retrieval_batch: int = 32
-        retrieve_by: str = "text"  # score pool pairs by their caption (text), image, or both embeddings
+        retrieve_by: str = "text"  # score pool pairs by their caption (text), image, or both embeddings; random: ablation
 
     @classmethod
     def check_hparams(cls, hparams):

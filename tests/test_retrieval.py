@@ -212,3 +212,17 @@ def test_retrieval_end_to_end_on_the_embedded_corpus(corpus, tiny_clip, tmp_path
     assert 2 <= len(balanced) <= 32
     anchors = pool.subset(balanced)
     assert len(anchors) == len(balanced) and anchors.caption(0) == corpus.captions[balanced[0]]
+
+
+def test_random_retrieval_ignores_the_queries(corpus, tiny_clip, tmp_path):
+    """by="random" (ARF's ablation baseline): k distinct rows, the same every call, whatever the class prompts."""
+    pool = PairPool.from_embedded_corpus(corpus)
+    img, txt = embed_pool(tiny_clip, pool, cache=tmp_path, progress=False)
+    seen = [embedded.prompt_name(c) for c in embedded.SEEN_CLASSES]
+    unseen = [embedded.prompt_name(c) for c in embedded.CLASSES if c not in embedded.SEEN_CLASSES]
+    a = retrieve_for_task(tiny_clip, seen, ["a photo of a {}."], img, txt, k=20, by="random")
+    b = retrieve_for_task(tiny_clip, unseen, ["a sketch of a {}."], img, txt, k=20, by="random")
+    assert a.dtype == np.int64 and len(set(a.tolist())) == 20 and a.max() < 48
+    assert a.tolist() == b.tolist()
+    assert a.tolist() != retrieve_for_task(tiny_clip, seen, ["a photo of a {}."], img, txt, k=20).tolist()
+    assert sorted(retrieve_for_task(tiny_clip, seen, ["x {}"], img, txt, k=100, by="random").tolist()) == list(range(48))

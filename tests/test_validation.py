@@ -52,7 +52,7 @@ BAD = [
     ("hparams.num_texts", 0, "lipsum_ft", "set it at least 1"),
     ("hparams.lp_max_iter", 0, "lp_ft", "set it at least 1"),
     ("hparams.lp_l2", -1e-4, "lp_ft", "set it at least 0"),
-    ("hparams.retrieve_by", "caption", "arf", "'caption' is not one of text, image, both"),
+    ("hparams.retrieve_by", "caption", "arf", "'caption' is not one of text, image, both, random"),
     ("hparams.captioner", "blip", "arf", "unknown captioner 'blip'"),
     ("hparams.top_k", 0, "arf", "set it at least 1"),
 ]
