@@ -37,6 +37,7 @@ import pandas as pd
 
 from bench import jobs as J
 from bench import results as R
+from bench.cards import card_file, read_ood_averages
 from bench.config import NOT_IDENTITY
 from bench.errors import BenchError
 
@@ -97,19 +98,13 @@ EXTRA_METRICS = ("ece", "ece_ts", "nll", "macro_f1")  # per-set rows beyond acc 
 NATS = ("nll_id", "nll_ood")  # shown as they are (nats), not as percentages
 
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "datasets"  # bench.data.CARDS_DIR (bench.data imports torch)
-
-
 def _card_averages(dataset: str) -> dict | None:
-    """`ood_averages` of a dataset's card (name -> shift sets), read as plain YAML; None if it has none."""
-    import yaml
-
-    path = Path(dataset) if dataset.endswith((".yaml", ".yml")) else CARDS_DIR / f"{dataset}.yaml"
+    """`ood_averages` of a dataset's card (name -> shift sets; bench.cards.read_ood_averages); None if it has
+    none."""
+    path = card_file(dataset)
     try:
-        data = yaml.safe_load(path.read_text())
-        averages = data.get("ood_averages") if isinstance(data, dict) else None
-        return {str(k): tuple(v) for k, v in averages.items()} if isinstance(averages, dict) and averages else None
-    except Exception as err:  # no card (a fixture's dataset) or a broken one: bench.data reports those
+        return read_ood_averages(path)
+    except Exception as err:  # no card (a fixture's dataset) or a broken one: bench.cards.load_card reports those
         log.debug("%s: no card averages (%s)", path, err)
         return None
 

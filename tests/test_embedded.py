@@ -1,4 +1,4 @@
-"""The procedural embedded benchmark (bench/embedded.py) and its card (datasets/embedded.yaml).
+"""The procedural embedded benchmark (bench/embedded/) and its card (datasets/embedded.yaml).
 
 Fast: tiny folders (one or two images per domain and class) and corpora of a few dozen images.
 """
