@@ -94,8 +94,8 @@ def _report_resources(path: str) -> None:
 
 
 def cmd_prepare_anchors(args) -> None:
-    from bench import anchors
     from bench import sweep as S
+    from methods.arf import anchors
 
     sw = S.load_sweep(args.file, args.set)
     jobs = S.select(S.expand(sw, args.file, check_data=False), args.only, args.file)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from bench import anchors
-from bench import retrieval as Rt
-from bench.captioning import CocaCaptioner
 from bench.errors import BenchError
-from bench.pools import ShardPool, detect_layout, pool_from_arrays, pool_to_arrays, scan_pool
+from methods.arf import anchors
+from methods.arf import retrieval as Rt
+from methods.arf.captioning import CocaCaptioner
+from methods.arf.pools import ShardPool, detect_layout, pool_from_arrays, pool_to_arrays, scan_pool
 from tests.conftest import tiny_config
 from tests.domainbed_fixture import make_domainbed_fixture
 from tests.img2dataset_fixture import make_pool, pair
@@ -95,7 +95,7 @@ def test_img2dataset_files_and_webdataset_layouts_load_as_the_same_pool(tmp_path
 def counters(monkeypatch):
     calls = {"captioned": 0, "encoded": 0, "scanned": 0}
     caption, encode, scan = CocaCaptioner.caption, Rt.encode_pool, anchors.__dict__.get("scan_pool")
-    import bench.pools as P
+    import methods.arf.pools as P
 
     def counting_caption(self, paths):
         calls["captioned"] += len(paths)
@@ -224,8 +224,8 @@ def test_dry_run_names_the_missing_file_in_one_line_and_writes_nothing(root, tmp
 def test_a_coca_tag_in_the_hugging_face_cache_passes(root, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from bench.captioning import cached_weights
     from methods.arf import ARF
+    from bench.models import cached_weights
 
     hub = tmp_path / "hf"
     snap = hub / "models--laion--mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k" / "snapshots" / "abc123"

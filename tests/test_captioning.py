@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from bench import embedded
-from bench.captioning import (Captioner, CocaCaptioner, EmbeddedCaptioner, FileCaptioner, build_captioner,
-                              caption_items, decode_caption, greedy_decode)
 from bench.errors import BenchError
+from methods.arf.captioning import (Captioner, CocaCaptioner, EmbeddedCaptioner, FileCaptioner, build_captioner,
+                                    caption_items, decode_caption, greedy_decode)
 
 
 def _image(path: Path, value: int) -> str:

@@ -269,8 +269,8 @@ def test_arf_caption_anchors_pair_each_image_with_its_own_caption(embedded_root)
 
 
 def test_arf_retrieves_the_pool_pairs_nearest_the_class_prompts(embedded_root):
-    from bench.retrieval import class_queries, embed_pool, pool_embedding
     from methods.arf import embedded_corpus_pool
+    from methods.arf.retrieval import class_queries, embed_pool, pool_embedding
 
     method, task, clip = make(embedded_root, "arf", {"top_k": 20})
     pool = embedded_corpus_pool(embedded_root, 400, 1)

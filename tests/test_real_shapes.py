@@ -27,7 +27,7 @@ def caption_everything(data_root, path):
 
 
 def pair_folder(folder, n=8):
-    """A pool of image + same-stem .txt pairs (bench.retrieval.PairPool.from_folder)."""
+    """A pool of image + same-stem .txt pairs (methods.arf.retrieval.PairPool.from_folder)."""
     folder.mkdir()
     names = load_card("pacs").classes
     for i in range(n):

@@ -34,7 +34,7 @@ SHORT = {"steps": 2, "batch_size": 6, "eval_every": 2, "checkpoint_every": 2, "w
 
 
 def write_captions(root: Path, folder: Path) -> str:
-    """A captions file (bench/captioning.py FileCaptioner's JSONL) for every image under `folder`."""
+    """A captions file (methods/arf/captioning.py FileCaptioner's JSONL) for every image under `folder`."""
     rows = [{"path": str(p.relative_to(root)), "caption": f"a {p.parent.parent.name} picture of a {p.parent.name}"}
             for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -6,8 +6,8 @@ from PIL import Image
 from bench import embedded
 from bench.errors import BenchError
 from bench.models import load_clip
-from bench.retrieval import (PairItems, PairPool, class_queries, embed_pool, pool_embedding, retrieve,
-                             retrieve_for_task)
+from methods.arf.retrieval import (PairItems, PairPool, class_queries, embed_pool, pool_embedding, retrieve,
+                                   retrieve_for_task)
 
 
 def _unit(v):
@@ -59,7 +59,7 @@ def test_retrieve_breaks_ties_by_index_and_deduplicates_per_class():
 
 
 def test_retrieve_chunked_scoring_matches_brute_force(monkeypatch):
-    import bench.retrieval as R
+    import methods.arf.retrieval as R
 
     rng = np.random.default_rng(0)
     queries, pool = _unit(rng.normal(size=(5, 8))), _unit(rng.normal(size=(1000, 8)))

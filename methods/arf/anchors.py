@@ -11,9 +11,10 @@ file                               key (sha256 of)
 ``captions-<key>.jsonl``           the captioner's identity (model, decoding, sha256 of its weights file) and
                                    the listing of the card's trainable images (path, size, mtime: every
                                    domain's seen-class images; a shift card's training set)
-``pool-index-<key>.npz``           the pool folder's listing (bench.pools.pool_source_key), a table's sha256,
-                                   or the embedded corpus's (n, seed, generator version)
-``pool-emb-<key>.npz``             bench.retrieval.embedding_key: CLIP name and weights, transform, pool content
+``pool-index-<key>.npz``           the pool folder's listing (methods.arf.pools.pool_source_key), a table's
+                                   sha256, or the embedded corpus's (n, seed, generator version)
+``pool-emb-<key>.npz``             methods.arf.retrieval.embedding_key: CLIP name and weights, transform,
+                                   pool content
 ``anchors-<key>.npz``              the pool's key, CLIP name and weights, transform, the card's seen class
                                    names and templates, top_k and retrieve_by: the retrieved pairs themselves
 ``digests/<path hash>.json``       a weights file's sha256, remembered by (path, size, mtime)
@@ -43,7 +44,7 @@ import numpy as np
 from bench.errors import BenchError
 from bench.results import atomic_write
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bench.anchors")  # its name before methods/arf/: CLI and job logs show bench.*
 
 CACHE_VERSION = 1
 CACHE_FOLDER = ".rft-cache"
@@ -159,7 +160,8 @@ def captioner_identity(spec: Any, root: str | Path, where: str = "hparams.captio
                        fetch: bool = True) -> dict:
     """What a captioner's captions depend on, without loading it: the kind, the model and decoding options,
     and the sha256 of the weights file (a CoCa tag not in the local cache is downloaded first when ``fetch``)."""
-    from bench.captioning import cached_weights, download_hint, parse_captioner
+    from bench.models import cached_weights, download_hint
+    from methods.arf.captioning import parse_captioner
 
     kind, opts = parse_captioner(spec, root, where)
     if kind == "embedded":
@@ -197,7 +199,7 @@ def card_captions(spec: Any, card, root: str | Path, device: Any = "cpu", progre
     """Captions of every image of :func:`anchor_image_paths`, computed once per (captioner identity, listing)
     and cached as ``captions-<key>.jsonl`` (paths relative to ``root``). A CoCa pass saves its progress in
     ``<file>.partial`` every minute, so an interrupted one resumes."""
-    from bench.captioning import build_captioner, caption_items, read_jsonl, write_jsonl_atomic
+    from methods.arf.captioning import build_captioner, caption_items, read_jsonl, write_jsonl_atomic
 
     root = Path(root)
     paths = anchor_image_paths(card, root)
@@ -228,7 +230,7 @@ def captions_for(spec: Any, card, root: str | Path, paths: Sequence[str], device
                  progress: bool = True, where: str = "hparams.captioner") -> list[str]:
     """The captions of ``paths`` (a job's training images). A captions file or the embedded captions are read
     as they are; a CoCa captioner's come from the card-wide cache (:func:`card_captions`)."""
-    from bench.captioning import EmbeddedCaptioner, FileCaptioner, parse_captioner
+    from methods.arf.captioning import EmbeddedCaptioner, FileCaptioner, parse_captioner
 
     kind, opts = parse_captioner(spec, root, where)
     if kind == "embedded":
@@ -258,7 +260,7 @@ def resolve_pool(spec: str, root: str | Path) -> str | Path:
 def pool_key(spec: str, root: str | Path, n: int, seed: int) -> str:
     """What a pool holds, cheaply (no caption is read): see the module doc."""
     from bench import embedded
-    from bench.pools import pool_source_key
+    from methods.arf.pools import pool_source_key
 
     where = resolve_pool(spec, root)
     if where == "embedded":
@@ -273,8 +275,8 @@ def pool_key(spec: str, root: str | Path, n: int, seed: int) -> str:
 
 def load_pool(spec: str, root: str | Path, n: int = 20000, seed: int = 1, progress: bool = True):
     """The whole pool, its index read once per pool key (``pool-index-<key>.npz``)."""
-    from bench.pools import pool_from_arrays, pool_to_arrays, scan_pool
-    from bench.retrieval import TABLE_SUFFIXES, PairPool
+    from methods.arf.pools import pool_from_arrays, pool_to_arrays, scan_pool
+    from methods.arf.retrieval import TABLE_SUFFIXES, PairPool
 
     where = resolve_pool(spec, root)
     if where == "embedded":
@@ -298,8 +300,8 @@ def load_pool(spec: str, root: str | Path, n: int = 20000, seed: int = 1, progre
 
 
 def embed_pool_once(clip, pool, root: str | Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """bench.retrieval.embed_pool with its cache file computed once under a lock."""
-    from bench.retrieval import embed_pool, embedding_key
+    """methods.arf.retrieval.embed_pool with its cache file computed once under a lock."""
+    from methods.arf.retrieval import embed_pool, embedding_key
 
     folder = cache_dir(root)
     path = folder / f"pool-emb-{embedding_key(clip, pool, clip.preprocess_val)[:24]}.npz"
@@ -318,13 +320,13 @@ class RetrievalSpec:
 
 def retrieved_pairs(spec: RetrievalSpec, clip, classnames: Sequence[str], templates: Sequence[str],
                     root: str | Path, progress: bool = True):
-    """The pool pairs nearest the task's class prompts (bench.retrieval.retrieve_for_task, with the zero-shot
+    """The pool pairs nearest the task's class prompts (methods.arf.retrieval.retrieve_for_task, with the zero-shot
     CLIP): (their indices in the pool, a PairPool of them in that order); computed once per key and stored with their captions and image
     references (``anchors-<key>.npz``), so a job reads k pairs and never the pool."""
     import torch
 
-    from bench.pools import pool_from_arrays, pool_to_arrays
-    from bench.retrieval import model_fingerprint, retrieve_for_task
+    from methods.arf.pools import pool_from_arrays, pool_to_arrays
+    from methods.arf.retrieval import model_fingerprint, retrieve_for_task
 
     key = content_key("anchors", pool_key(spec.pool, root, spec.pool_size, spec.pool_seed), clip.name,
                       model_fingerprint(clip.model), repr(clip.preprocess_val), list(classnames), list(templates),
@@ -356,7 +358,8 @@ def retrieved_pairs(spec: RetrievalSpec, clip, classnames: Sequence[str], templa
 
 def check_arf_resources(hparams, root: str | Path) -> None:
     """What an ARF run reads from disk is there: BenchError naming the hparam, the path and how to get it."""
-    from bench.captioning import cached_weights, download_hint, parse_captioner
+    from bench.models import cached_weights, download_hint
+    from methods.arf.captioning import parse_captioner
 
     if hparams.caption_anchors:
         kind, opts = parse_captioner(hparams.captioner, root, "hparams.captioner")
@@ -373,7 +376,7 @@ def check_arf_resources(hparams, root: str | Path) -> None:
                                  f"open_clip / Hugging Face cache (offline); "
                                  f"{download_hint(opts['model'], opts['pretrained'])}")
     if hparams.retrieval_anchors and hparams.pool != "embedded":
-        from bench.pools import detect_layout
+        from methods.arf.pools import detect_layout
 
         where = resolve_pool(hparams.pool, root)
         if where.is_dir():

@@ -9,7 +9,7 @@ keep the rich-text feature space of pretraining (the abstract's two anchors):
   folder or CSV/Parquet table), a separate mini-batch each step.
 L = L_clip(img, prompt) + lam_caption * L_clip(img, caption(img)) + lam_retrieval * L_clip(img_ret, cap_ret).
 Both towers and the logit scale train. No official code exists: the loss weights, the retrieval
-rule (max cosine similarity to any class prompt, top-k, bench/retrieval.py) and the batch mix are
+rule (max cosine similarity to any class prompt, top-k, methods/arf/retrieval.py) and the batch mix are
 this harness's reconstruction (METHODS.md 1f marks them unverified).
 """
 from __future__ import annotations
@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import anchors, embedded
-from bench.captioning import parse_captioner
+from bench import embedded
 from bench.errors import BenchError
 from bench.losses import contrastive_loss
 from bench.method import check_choice, check_range, register_method
-from bench.retrieval import BY, PairItems, PairPool
+from methods.arf import anchors
+from methods.arf.captioning import parse_captioner
+from methods.arf.retrieval import BY, PairItems, PairPool
 from methods.flyp import FLYP
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class ARF(FLYP):
         device = self.model.logit_scale.device
         root = Path(task.root)
         # Captions and retrieved pairs come from content-keyed caches shared by every job of a sweep
-        # (bench/anchors.py; `bench prepare-anchors SWEEP` fills them before launch).
+        # (methods/arf/anchors.py; `bench prepare-anchors SWEEP` fills them before launch).
         if hparams.caption_anchors:
             paths = [p for p, _ in task.train_items()]
             captions = anchors.captions_for(hparams.captioner, task.card, root, paths, device=device)

@@ -43,7 +43,7 @@ from bench.results import atomic_write
 if TYPE_CHECKING:
     from bench.models import Clip
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bench.retrieval")  # its name before methods/arf/: CLI and job logs show bench.*
 
 EMBED_CACHE_VERSION = 2  # 2: text encoded without unused padding columns (bench.text.encode_text): other rounding
 BY = ("text", "image", "both", "random")  # random: k pairs drawn uniformly, no query (an ablation baseline)

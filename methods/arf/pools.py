@@ -9,7 +9,7 @@ img2dataset (rom1504/img2dataset) writes, under its ``--output_folder``:
   ``.txt`` / ``.json``, with the same ``.parquet`` and ``_stats.json`` files beside them.
 
 :func:`scan_pool` reads either (or a plain folder of image + same-stem ``.txt`` files) into a
-:class:`bench.retrieval.PairPool`. Tar members are never extracted: a pair keeps (shard, byte offset,
+:class:`methods.arf.retrieval.PairPool`. Tar members are never extracted: a pair keeps (shard, byte offset,
 size) and its image is decoded from those bytes when asked for (:class:`ShardPool`).
 
 :func:`pool_source_key` says cheaply (without reading captions) what a pool folder holds: shard names,
@@ -33,9 +33,9 @@ from PIL import Image
 
 from bench.data import IMAGE_SUFFIXES
 from bench.errors import BenchError
-from bench.retrieval import PairPool
+from methods.arf.retrieval import PairPool
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bench.pools")  # its name before methods/arf/: CLI and job logs show bench.*
 
 LAYOUTS = ("webdataset", "files", "flat")
 

@@ -30,7 +30,7 @@ import torch
 from bench.errors import BenchError
 from bench.results import atomic_write
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bench.captioning")  # its name before methods/arf/: CLI and job logs show bench.*
 
 DEFAULT_COCA_MODEL = "coca_ViT-B-32"
 DEFAULT_COCA_PRETRAINED = "mscoco_finetuned_laion2b_s13b_b90k"
@@ -305,50 +305,6 @@ def build_captioner(spec: Any, root: str | Path, device: str | torch.device = "c
 
 
 # ---- CoCa weights: where open_clip keeps them, without loading them -----------------------------------------
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's HF file names
-
-
-def cached_weights(model: str, pretrained: str | None) -> str | None:
-    """The local file open_clip would load ``model``/``pretrained`` from: the path itself for a checkpoint,
-    the file in Hugging Face's or open_clip's cache for a tag (None when it is not cached). BenchError for an
-    unknown tag or a missing checkpoint path."""
-    if pretrained is None:
-        return None
-    if os.path.isfile(pretrained):
-        return pretrained
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(model, pretrained)
-    if not cfg:
-        if "/" in pretrained or os.path.splitext(pretrained)[1]:
-            raise BenchError(f"no checkpoint file {pretrained!r}; fix the path or use an open_clip tag")
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        raise BenchError(f"{pretrained!r} is neither a file nor an open_clip tag of {model}; "
-                         f"known tags: {', '.join(tags) or 'none (use a checkpoint path)'}")
-    if cfg.get("file"):
-        return cfg["file"] if os.path.isfile(cfg["file"]) else None
-    if cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(cfg["hf_hub"])  # as open_clip.pretrained.download_pretrained splits it
-        names = (filename,) if filename else HF_WEIGHT_FILES
-        for name in names:
-            hit = try_to_load_from_cache(repo, name)
-            if isinstance(hit, str) and os.path.isfile(hit):
-                return hit
-        return None
-    if cfg.get("url"):
-        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
-        return path if os.path.isfile(path) else None
-    return None
-
-
-def download_hint(model: str, pretrained: str) -> str:
-    return (f"download it where there is network with `python -c \"import open_clip; open_clip.create_model("
-            f"'{model}', pretrained='{pretrained}')\"` (same HF_HOME as the jobs), or run `bench prepare-anchors`, "
-            f"or give a local checkpoint path (docs/ARF.md)")
-
-
 def caption_items(captioner: Captioner, paths: Sequence[str], cache: str | Path | None = None,
                   batch_size: int = 64, progress: bool = True, save_every_s: float = 60.0) -> dict[str, str]:
     """Caption every image once -> {path: caption} (paths as given, duplicates captioned once).
