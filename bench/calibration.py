@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bench.results import row
+
 N_BINS = 15
 T_MIN, T_MAX = 1e-3, 1e3
 _EDGES: dict[torch.device, torch.Tensor] = {}
@@ -181,11 +183,11 @@ class SetMetrics:
         if not self.n:
             return []
         bins = self.bins.cpu()
-        out = [{**base, "metric": "ece", "value": ece_from_bins(bins), "n": self.n},
-               {**base, "metric": "nll", "value": float(self.nll_sum) / self.n, "n": self.n}]
+        out = [row(**base, metric="ece", value=ece_from_bins(bins), n=self.n),
+               row(**base, metric="nll", value=float(self.nll_sum) / self.n, n=self.n)]
         if self.ts_bins is not None:
-            out.append({**base, "metric": "ece_ts", "value": ece_from_bins(self.ts_bins.cpu()), "n": self.n})
+            out.append(row(**base, metric="ece_ts", value=ece_from_bins(self.ts_bins.cpu()), n=self.n))
         if self.f1 is not None:
-            out.append({**base, "metric": "macro_f1", "value": macro_f1_from_counts(self.f1.cpu()), "n": self.n})
-        out.append({**base, "metric": "rel_bins", "value": N_BINS, "n": self.n, "bins": encode_bins(bins)})
+            out.append(row(**base, metric="macro_f1", value=macro_f1_from_counts(self.f1.cpu()), n=self.n))
+        out.append(row(**base, metric="rel_bins", value=N_BINS, n=self.n, bins=encode_bins(bins)))
         return out

@@ -23,13 +23,14 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args) -> None:
     from bench import config as C
-    from bench.train import prepare, run
+    from bench.prepare import prepare
+    from bench.train import run
 
     cfg = C.load_run_config(args.config, args.set)
     source = args.config or "config"
     prep = prepare(cfg, source)
     out = Path(args.out) if args.out else Path("runs") / prep.job_id
-    run(cfg, out, progress=not args.no_progress, source=source)
+    run(cfg, out, progress=not args.no_progress, source=source, prep=prep)
     print(out)
 
 

@@ -36,7 +36,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator
@@ -198,7 +197,7 @@ class _Evaluator:
         from bench.evaluate import EvalData
         from bench.method import build_method
         from bench.models import load_clip
-        from bench.train import autocast_for, build_run_task, prepare, resolve_device
+        from bench.prepare import autocast_for, build_run_task, prepare, resolve_device
 
         source = str(run_dir / R.CONFIG)
         cfg = C.from_dict(C.RunConfig, record["config"], source)
@@ -278,7 +277,6 @@ def combined_job_id(combiner: Combiner, member_ids: list[str]) -> str:
 def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | Path, group_by: str = "method",
                   device: str = "cpu") -> Path:
     """One multi-run combiner on one group of runs (one task): a new run folder <out>/<job id>, done."""
-    from bench.train import git_commit
 
     runs = sorted(runs, key=lambda r: str(r[1].get("job_id")))
     ids = [str(rec.get("job_id")) for _, rec in runs]
@@ -306,8 +304,7 @@ def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | 
     finally:
         ev.close()
     record = {"job_id": job_id, "config": first["config"], "hparams": first.get("hparams") or {},
-              "seed": first.get("seed"), "protocol_version": C.PROTOCOL_VERSION, "git_commit": git_commit(),
-              "torch": torch.__version__, "python": platform.python_version(),
+              "seed": first.get("seed"), "protocol_version": C.PROTOCOL_VERSION, **R.versions(),
               "combined": {"combiner": combiner.name, "options": C.to_dict(combiner.options), "group_by": group_by,
                            "members": [{"job_id": m.job_id, "run_dir": str(m.run_dir), "step": m.step,
                                         "hparams": m.record.get("hparams") or {},

@@ -212,7 +212,7 @@ def _below(value: float, lo: float, strict: bool) -> bool:
 
 
 def _check_train(t: TrainConfig, source: str, prefix: str) -> None:
-    if t.steps < 0:  # 0 is refused in bench.train.prepare for a method that trains (it knows which do)
+    if t.steps < 0:  # 0 is refused in bench.prepare.prepare for a method that trains (it knows which do)
         raise BenchError(f"{source}: {prefix}steps: {t.steps!r} is out of range; set it at least 1 (the number of "
                          f"optimisation steps; 0 only for a method that trains nothing, such as zeroshot)")
     for key, (lo, strict, what) in _TRAIN_BOUNDS.items():
@@ -376,10 +376,6 @@ def identity(cfg: RunConfig) -> dict:
 def stable_hash(obj: Any, length: int = 12) -> str:
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def job_id(cfg: RunConfig) -> str:
-    return stable_hash(identity(cfg))
 
 
 def seed_hash(*args: Any) -> int:

@@ -9,6 +9,7 @@ import torch
 
 from bench.data import EvalSet, ImageItems, Task, iterate
 from bench.method import Method
+from bench.results import row
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, a
                 groups = subset_index(es.class_subset, logits.device)
             stats.update(logits if groups is None else logits[:, groups].amax(-1), y)
         base = {"step": step, "role": es.role, "domain": es.domain, "split": es.split}
-        out[i] = (base, {**base, "metric": "acc", "value": correct / max(total, 1), "n": total}, stats)
+        out[i] = (base, row(**base, metric="acc", value=correct / max(total, 1), n=total), stats)
         if es.role == "id_val" and stats.n:
             id_stats.append(stats)
     if temperature is None:  # only id_val sets were evaluated
@@ -206,6 +207,5 @@ def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, a
         rows += [acc] + stats.rows(base)
     if temperature is not None:
         n_id = sum(s.n for s in id_stats)
-        rows.append({"step": step, "role": "id_val", "domain": None, "split": None, "metric": "temperature",
-                     "value": temperature, "n": n_id})
+        rows.append(row(step, "id_val", "temperature", temperature, n_id))
     return rows

@@ -140,11 +140,9 @@ def write_folder(job: Job, launcher: str) -> dict:
         fresh = False
     path = job.run_dir / R.CONFIG
     if not fresh and path.is_file():
-        other = J.read_json(path).get("job_id")
-        if other not in (None, job.job_id):
-            raise BenchError(f"{job.run_dir} holds another job ({other}); move it away, it is not this sweep's")
+        R.check_owner(job.run_dir, job.job_id, "move it away, it is not this sweep's")
     else:
-        R.atomic_write_text(path, json.dumps(job.record, indent=2, sort_keys=True), fsync=False)
+        R.write_record(job.run_dir, job.record, fsync=False)
     info = {"launcher": launcher, "time": time.time()}
     if launcher in ("local", "debug"):  # the jobs end with this process (see bench.jobs)
         info.update(J.this_process())

@@ -1,5 +1,9 @@
 """Run folders on disk: config, long-format results (one metric per row), checkpoints, markers.
 
+The one owner of a run folder's files: their names, the atomic write every file others read goes through, the
+config.json record (written by the trainer, or by a sweep before launch) and the check that a folder is this job's,
+and the result-row schema (`row`).
+
     <run>/config.json      the resolved config, job id, versions
     <run>/results.jsonl    {"step", "role", "domain", "split", "metric", "value", "n"} per line, flushed per eval
     <run>/checkpoint.pt    the latest training state (atomic), for resume
@@ -13,6 +17,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,71 @@ def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
                 continue
             rows.append(row)
     return rows
+
+
+# ---- config.json: the run's record, and whose folder it is -----------------------------------------------------
+def git_commit() -> str | None:
+    """The commit of this checkout (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    """What the run ran with: the commit, torch and python (a sweep computes it once for all its jobs)."""
+    import platform
+
+    import torch
+
+    return {"git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def config_record(job_id: str, cfg, hparams: dict, seed: int, versions: dict, **extra: Any) -> dict:
+    """What <run>/config.json holds: the job id, the config, its resolved hparams, the training seed, the protocol
+    version, `versions()`, the pretrained weights' sha256, and `extra` (a sweep's name and draw)."""
+    from bench import config as C
+    from bench.models import pretrained_sha256  # cached per file version: hashed once per sweep, not per job
+
+    return {"job_id": job_id, "config": C.to_dict(cfg), "hparams": hparams, "seed": seed,
+            "protocol_version": C.PROTOCOL_VERSION, **versions, **extra,
+            "pretrained_sha256": pretrained_sha256(cfg.model.name, cfg.model.pretrained)}
+
+
+def write_record(run_dir: Path, record: dict, fsync: bool = True) -> None:
+    atomic_write_text(run_dir / CONFIG, json.dumps(record, indent=2, sort_keys=True), fsync=fsync)
+
+
+def recorded_job(run_dir: Path) -> tuple[bool, str | None]:
+    """(whether run_dir has a config.json, the job id it names: None if it names none or is unreadable)."""
+    path = run_dir / CONFIG
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, None
+    except (OSError, ValueError):
+        return True, None
+    return True, data.get("job_id") if isinstance(data, dict) else None
+
+
+def check_owner(run_dir: Path, job_id: str, fix: str, record_must_name_it: bool = False) -> None:
+    """BenchError if run_dir's config.json names another job: `<run_dir> holds another job (<id>); <fix>`.
+
+    record_must_name_it: a config.json that names no job (or cannot be read) counts as another job's too."""
+    present, other = recorded_job(run_dir)
+    if present and other != job_id and (other is not None or record_must_name_it):
+        raise BenchError(f"{run_dir} holds another job ({other}); {fix}")
+
+
+# ---- results.jsonl: one metric per row ---------------------------------------------------------------------------
+def row(step: int, role: str, metric: str, value: float, n: int, domain: str | None = None,
+        split: str | None = None, **extra: Any) -> dict:
+    """One result row (the schema of results.jsonl; `extra`: a variant, a calibration row's bins)."""
+    return {"step": step, "role": role, "domain": domain, "split": split, "metric": metric, "value": value, "n": n,
+            **extra}
 
 
 class ResultsWriter:

@@ -39,6 +39,7 @@ import numpy as np
 import yaml
 
 from bench import config as C
+from bench import results as R
 from bench.data import domain_folder, load_card
 from bench.errors import BenchError
 
@@ -134,14 +135,11 @@ class Job:
 
     @property
     def record(self) -> dict:
-        """What <run>/config.json holds (the trainer's format, plus the sweep and draw it came from)."""
-        from bench.models import pretrained_sha256  # cached per file version: hashed once per sweep, not per job
-
+        """What <run>/config.json holds (the trainer's record, plus the sweep and draw it came from)."""
         meta = dict(self.meta)
         name = meta.pop("sweep_name", None)
-        return {"job_id": self.job_id, "config": C.to_dict(self.cfg), "hparams": self.hparams, "seed": self.seed,
-                "protocol_version": C.PROTOCOL_VERSION, **meta, "sweep": {"name": name, "draw": self.draw},
-                "pretrained_sha256": pretrained_sha256(self.cfg.model.name, self.cfg.model.pretrained)}
+        return R.config_record(self.job_id, self.cfg, self.hparams, self.seed, meta,
+                               sweep={"name": name, "draw": self.draw})
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -383,7 +381,7 @@ def _check_data(card, root: str, dataset: str, test_domains: set[str], source: s
 def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -> list[Job]:
     """Every job of a sweep, validated in full (nothing runs or is written here)."""
     from bench.method import METHODS, hparams_dict, load_builtin_methods, load_plugin
-    from bench.train import prepare
+    from bench.prepare import prepare
 
     load_builtin_methods()
     plugins = [str(Path(p).resolve()) for p in sweep.plugins]
@@ -396,7 +394,7 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
         if m not in METHODS:
             raise BenchError(f"{source}: methods: {METHODS.unknown_message(m)}")
     output = Path(sweep.output).resolve()
-    meta = {**_versions(), "sweep_name": sweep.name}
+    meta = {**R.versions(), "sweep_name": sweep.name}
     jobs: dict[str, Job] = {}
     cards = {}
     for dataset in sweep.datasets:
@@ -492,16 +490,6 @@ def _drawn(err: BenchError, values: dict, draw: int, method: str) -> BenchError:
     named = {k: v for k, v in values.items() if k in str(err)} or values  # the drawn keys the error is about
     drawn = ", ".join(f"{k}={v!r}" for k, v in sorted(named.items()))
     return BenchError(f"{err} [draw {draw} of method {method}: {drawn} came from the search space: narrow its range]")
-
-
-def _versions() -> dict:
-    import platform
-
-    import torch
-
-    from bench.train import git_commit
-
-    return {"git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 # ---- filters (--only key=value[,value]) -----------------------------------------------------------

@@ -8,16 +8,10 @@ of step s depends only on (run seed, s), so a resumed run equals an unbroken one
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import logging
 import math
-import platform
 import resource
-import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,33 +20,16 @@ from bench import config as C
 from bench import distributed as D
 from bench import results as R
 from bench import trackers as T
-from bench.accumulate import accumulate, check_accumulation
-from bench.data import (DatasetCard, ImageItems, StepSampler, Task, build_task, ensure_generated, iterate, load_card,
-                        split_classes, suite_evalsets)
+from bench.accumulate import accumulate
+from bench.data import ImageItems, StepSampler, iterate
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
-from bench.method import METHODS, build_method, hparams_dict, load_builtin_methods, load_plugin, resolve_hparams
-from bench.models import load_clip, pretrained_sha256
+from bench.method import METHODS, build_method, hparams_dict
+from bench.models import load_clip
+from bench.prepare import Prepared, autocast_for, build_run_task, prepare, resolve_device
 from bench.wise import wise_rows
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BenchError(f"train.device: {name!r} asked for, but no CUDA device is visible; set train.device: auto")
-    return torch.device(name)
-
-
-def autocast_for(precision: str, device: torch.device):
-    if precision not in ("auto", "fp32", "bf16"):
-        raise BenchError(f"train.precision: {precision!r} is not one of auto, fp32, bf16")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -124,120 +101,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-@dataclass
-class Prepared:
-    """A run's config with everything resolved, before anything expensive happens."""
-
-    cfg: C.RunConfig
-    hparams: object
-    job_id: str
-    seed: int
-    source: str
-
-
-def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None = None) -> Prepared:
-    """Validate a config in full (plugins, method, hparams, dataset card, domains) and compute its id.
-
-    card: the already-loaded card of cfg.data.dataset (a sweep prepares thousands of jobs per card)."""
-    C.validate_run_config(cfg, source)  # a few comparisons (the model name is looked up once per name)
-    load_builtin_methods()
-    for plugin in cfg.plugins:
-        load_plugin(plugin)
-    if cfg.method not in METHODS:
-        raise BenchError(f"{source}: method: {METHODS.unknown_message(cfg.method)}")
-    hparams = resolve_hparams(cfg.method, dict(cfg.hparams), source)
-    check_accumulation(METHODS.get(cfg.method), cfg.train.accum_steps, source)
-    if cfg.train.steps < 1 and METHODS.get(cfg.method).trains:
-        raise BenchError(f"{source}: train.steps: {cfg.train.steps} is out of range; set it at least 1 (method "
-                         f"{cfg.method} trains; method: zeroshot evaluates the pretrained model without training)")
-    try:
-        card = card or load_card(cfg.data.dataset)
-    except BenchError as err:
-        raise BenchError(f"{source}: data.dataset: {err}") from None
-    card = split_classes(card, cfg.data.classes, source)
-    if cfg.data.zeroshot_suite:
-        _suite_names(cfg.data.zeroshot_suite, source)
-    bad = [d for d in cfg.data.test_domains if d not in card.domains]
-    if bad:
-        raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a domain of {card.name}; "
-                         f"its domains are {', '.join(card.domains)}")
-    _check_batch(cfg, card, source)
-    ident = C.identity(cfg)
-    ident["hparams"] = hparams_dict(hparams)
-    seed = C.seed_hash("train", ident)
-    return Prepared(cfg, hparams, C.stable_hash(ident), seed, source)
-
-
-def _check_batch(cfg: C.RunConfig, card: DatasetCard, source: str) -> None:
-    """Each step draws batch_size // n images from each of the n training domains (StepSampler): a batch smaller
-    than n would leave some domain out of every step, so it is refused (as is holding out every domain)."""
-    n = 1 if card.protocol == "shift" else len(set(card.domains) - set(cfg.data.test_domains))
-    if n == 0:
-        raise BenchError(f"{source}: data.test_domains holds every domain of {card.name}; leave one to train on")
-    if cfg.train.batch_size < n:
-        raise BenchError(f"{source}: train.batch_size: {cfg.train.batch_size} is fewer than the {n} training domains "
-                         f"of {card.name} (each step draws batch_size / {n} images from each); set it to at least {n}")
-
-
-@functools.lru_cache(maxsize=64)
-def _suite_names(value: tuple[str, ...], source: str) -> tuple[str, ...]:
-    """data.zeroshot_suite resolved to zero-shot card names, each card loaded once (a sweep has thousands of jobs)."""
-    from bench import zeroshot_suite as Z
-
-    names = Z.resolve_suite(list(value), f"{source}: data.zeroshot_suite")
-    for name in names:
-        try:
-            Z.load_zeroshot_card(name)
-        except BenchError as err:
-            raise BenchError(f"{source}: data.zeroshot_suite: {err}") from None
-    return names
-
-
-def build_run_task(cfg: C.RunConfig, source: str = "config", progress: bool = False) -> Task:
-    """The run's Task: its card (with data.classes applied), splits, and the zero-shot suite's eval sets."""
-    card = split_classes(load_card(cfg.data.dataset), cfg.data.classes, source)
-    ensure_generated(card, cfg.data.root, progress)
-    task = build_task(card, cfg.data.root, cfg.data.test_domains, cfg.data.holdout_fraction, cfg.trial_seed, source)
-    if cfg.data.zeroshot_suite:
-        task.evalsets += suite_evalsets(cfg.data.root, cfg.data.zeroshot_suite, source)
-    return task
-
-
-def _check_folder_is_ours(run_dir: Path, prep: Prepared) -> None:
-    path = run_dir / R.CONFIG
-    if path.is_file():
-        other = json.loads(path.read_text()).get("job_id")
-        if other != prep.job_id:
-            raise BenchError(f"{run_dir} holds another job ({other}); choose another output folder")
-
-
-def _write_config(run_dir: Path, prep: Prepared) -> None:
-    record = {"job_id": prep.job_id, "config": C.to_dict(prep.cfg), "hparams": hparams_dict(prep.hparams),
-              "seed": prep.seed, "protocol_version": C.PROTOCOL_VERSION, "git_commit": git_commit(),
-              "torch": torch.__version__, "python": platform.python_version()}
-    path = run_dir / R.CONFIG
-    if not path.is_file():
-        record["pretrained_sha256"] = pretrained_sha256(prep.cfg.model.name, prep.cfg.model.pretrained)
-        R.atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
-
-
 def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: str = "config",
-        stop_after: int | None = None) -> Path:
+        stop_after: int | None = None, prep: Prepared | None = None) -> Path:
     """Train and evaluate one run in `run_dir`; resumes if a checkpoint is there, returns at once if done.
 
-    stop_after: leave after this many steps (tests use it to simulate a crash)."""
-    prep = prepare(cfg, source)
+    stop_after: leave after this many steps (tests use it to simulate a crash); prep: `prepare(cfg, source)` when
+    the caller has it already."""
+    prep = prep if prep is not None and prep.cfg is cfg else prepare(cfg, source)
     T.require(cfg.trackers, source)  # a tracker's package missing: fail before anything expensive
     run_dir = Path(run_dir)
-    _check_folder_is_ours(run_dir, prep)
+    R.check_owner(run_dir, prep.job_id, "choose another output folder", record_must_name_it=True)
     if (run_dir / R.DONE).is_file():
         log.info("%s is done already", run_dir)
         return run_dir
@@ -250,7 +123,9 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     task = build_run_task(cfg, source, progress and dist.main)
     if dist.main:  # only rank 0 writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, prep)
+        if not (run_dir / R.CONFIG).is_file():  # a sweep wrote it before launch, or this run did before a restart
+            R.write_record(run_dir, R.config_record(prep.job_id, cfg, hparams_dict(prep.hparams), prep.seed,
+                                                    R.versions()))
         dist.barrier()
 
     torch.manual_seed(prep.seed)
@@ -304,8 +179,8 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         suite = (step // tc.eval_every) % tc.suite_every == 0 or step == steps
         t0 = time.perf_counter()
         rows = evaluate(method, eval_data, step, device, autocast, suite=suite)
-        rows.append({"step": step, "role": "train", "domain": None, "split": None, "metric": "eval_time",
-                     "value": time.perf_counter() - t0, "n": 1})  # seconds: the cost table's evaluation share
+        # seconds: the cost table's evaluation share
+        rows.append(R.row(step, "train", "eval_time", time.perf_counter() - t0, 1))
         rows += extra
         writer.write(rows)
         accs = {r["role"]: r["value"] for r in rows if r["metric"] == "acc"}
@@ -337,11 +212,10 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         bar.set_postfix(loss=f"{loss:.3f}")
         if done_steps % tc.eval_every == 0 or done_steps == steps:
             elapsed = time.perf_counter() - t_last
-            extra = [{"step": done_steps, "role": "train", "domain": None, "split": None, "metric": m, "value": v,
-                      "n": n_last} for m, v in [("loss", sum(losses) / len(losses)), ("step_time", elapsed / n_last),
-                                                 ("peak_mem_mb", peak_memory_mb(device))]]
-            extra += [{"step": done_steps, "role": "train", "domain": None, "split": None, "metric": k,
-                       "value": float(v), "n": 1} for k, v in logs.items()]
+            extra = [R.row(done_steps, "train", m, v, n_last) for m, v in [("loss", sum(losses) / len(losses)),
+                                                                           ("step_time", elapsed / n_last),
+                                                                           ("peak_mem_mb", peak_memory_mb(device))]]
+            extra += [R.row(done_steps, "train", k, float(v), 1) for k, v in logs.items()]
             log_eval(done_steps, extra)
             losses, n_last = [], 0
             t_last = time.perf_counter()

@@ -25,7 +25,7 @@ from bench.data import build_task, ensure_generated, load_card
 from bench.evaluate import EvalData, evaluate, predict_classes
 from bench.method import build_method, load_builtin_methods
 from bench.models import load_clip
-from bench.train import autocast_for, resolve_device
+from bench.prepare import autocast_for, resolve_device
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ from bench.data import EvalSet, ImageItems, StepSampler, build_task, ensure_gene
 from bench.evaluate import EvalData, evaluate  # noqa: E402
 from bench.method import METHODS, load_builtin_methods  # noqa: E402
 from bench.models import load_clip  # noqa: E402
-from bench.train import autocast_for  # noqa: E402
+from bench.prepare import autocast_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_DEFAULTS = dict(model="ViT-B-16", batch=128, memory_batches=[128, 256], steps=10, warmup=3, rounds=5,

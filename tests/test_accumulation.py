@@ -15,7 +15,8 @@ from bench.data import build_task, load_card, load_image
 from bench.errors import BenchError
 from bench.method import METHODS, build_method, load_builtin_methods
 from bench.models import load_clip
-from bench.train import make_optimizer, prepare, run, train_step
+from bench.prepare import prepare
+from bench.train import make_optimizer, run, train_step
 from methods.erm import ERM
 from methods.flyp import FLYP
 from tests.conftest import tiny_config

@@ -53,7 +53,7 @@ def arf_config(root: Path, hparams: dict, test_domain: str = "sketch", **over):
 def build_arf(root: Path, hparams: dict, test_domain: str = "sketch"):
     from bench.method import build_method
     from bench.models import load_clip
-    from bench.train import build_run_task
+    from bench.prepare import build_run_task
 
     cfg = arf_config(root, hparams, test_domain)
     task = build_run_task(cfg)

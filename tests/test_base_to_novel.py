@@ -9,7 +9,8 @@ import pytest
 from bench import config as C
 from bench.data import build_task, load_card, split_classes
 from bench.errors import BenchError
-from bench.train import prepare, run
+from bench.prepare import prepare
+from bench.train import run
 from tests.conftest import tiny_config
 from tests.domainbed_fixture import make_domainbed_fixture
 

@@ -87,7 +87,7 @@ def test_batches_add_up_to_the_whole_set_and_bins_round_trip():
     for k in range(0, 100, 32):
         s.update(z[k:k + 32], y[k:k + 32])
     s.set_temperature(1.7)
-    rows = {r["metric"]: r for r in s.rows({"step": 0})}
+    rows = {r["metric"]: r for r in s.rows({"step": 0, "role": "id_val", "domain": "photo", "split": "out"})}
     assert rows["ece"]["value"] == pytest.approx(CAL.ece(z, y), abs=1e-9)
     assert rows["nll"]["value"] == pytest.approx(CAL.nll(z, y), rel=1e-6)
     assert rows["ece_ts"]["value"] == pytest.approx(CAL.ece(z / 1.7, y), abs=1e-9)

@@ -13,7 +13,8 @@ from bench import tables as T
 from bench.combine import (COMBINERS, Combiner, average, build_combiner, combine_group, combine_runs, find_runs,
                            group_key, load_builtin_combiners, register_combiner)
 from bench.errors import BenchError
-from bench.train import prepare, run
+from bench.prepare import prepare
+from bench.train import run
 from combiners.model_stock import merge_ratio, model_stock
 from combiners.soup import greedy_soup
 from tests.conftest import tiny_config

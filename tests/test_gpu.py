@@ -4,7 +4,8 @@ import torch
 
 from bench import results as R
 from bench.method import METHODS, load_builtin_methods
-from bench.train import autocast_for, resolve_device, run
+from bench.prepare import autocast_for, resolve_device
+from bench.train import run
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.gpu,

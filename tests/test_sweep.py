@@ -12,7 +12,7 @@ from bench import results as R
 from bench import sweep as S
 from bench.cli import main
 from bench.errors import BenchError
-from bench.train import prepare
+from bench.prepare import prepare
 
 TINY_TRAIN = {"steps": 6, "batch_size": 12, "lr": 1e-3, "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 2,
               "eval_batch_size": 64}

@@ -9,6 +9,7 @@ from bench import config as C
 from bench import results as R
 from bench import trackers as T
 from bench.errors import BenchError
+from bench.prepare import prepare
 from bench.train import run
 from tests.conftest import tiny_config
 
@@ -63,7 +64,7 @@ def test_trackers_are_off_by_default_and_not_part_of_the_job_id(embedded_root):
     assert plain.trackers.use == ()
     tracked = tiny_config(embedded_root, **{"trackers.use": ["tensorboard", "wandb"], "trackers.dir": "/tmp/x",
                                             "trackers.wandb_mode": "offline", "train.prefetch_factor": 4})
-    assert C.job_id(tracked) == C.job_id(plain)
+    assert prepare(tracked).job_id == prepare(plain).job_id
 
 
 @pytest.mark.parametrize("key, value, match", [

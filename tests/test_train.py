@@ -5,7 +5,8 @@ import torch
 
 from bench import results as R
 from bench.data import build_task, load_card
-from bench.train import prepare, run
+from bench.prepare import prepare
+from bench.train import run
 from tests.conftest import tiny_config
 
 

@@ -169,7 +169,7 @@ def test_bad_sweep_file_keys(top, says, work, embedded_root, capsys):
 def test_good_configs_still_pass(embedded_root, tmp_path):
     """The bounds are inclusive where a value is meaningful: 0 warmup, 0 decay, 0 clipping, 0 workers, alphas 0 and
     1, a batch of exactly one image per training domain."""
-    from bench.train import prepare
+    from bench.prepare import prepare
 
     cfg = tiny_config(embedded_root, **{"train.warmup_steps": 0, "train.weight_decay": 0, "train.grad_clip": 0,
                                         "train.num_workers": 0, "train.batch_size": 3, "train.device": "cuda:1",
@@ -193,7 +193,7 @@ def test_prepare_checks_configs_built_in_code(embedded_root):
     """prepare checks a config built without from_dict (dataclasses.replace, as sweep expansion does)."""
     import dataclasses
 
-    from bench.train import prepare
+    from bench.prepare import prepare
 
     cfg = tiny_config(embedded_root)
     with pytest.raises(BenchError, match=r"^code: train.steps: -1 is out of range"):
@@ -284,7 +284,7 @@ def test_datasets_check_decode_lists_the_bad_files_of_a_card_given_by_path(corru
 def test_zero_steps_is_for_a_method_that_trains_nothing(embedded_root):
     """train.steps: 0 is refused for a method that trains (its jobs would be marked done untrained), and is what a
     zeroshot config may say (its steps are never run)."""
-    from bench.train import prepare
+    from bench.prepare import prepare
 
     assert prepare(tiny_config(embedded_root, **{"method": "zeroshot", "train.steps": 0})).cfg.train.steps == 0
     with pytest.raises(BenchError, match=r"^x.yaml: train.steps: 0 is out of range; set it at least 1 \(method erm"):

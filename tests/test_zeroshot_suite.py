@@ -276,7 +276,7 @@ def test_model_selection_never_uses_the_suite(suite_run, tmp_path):
 
 
 def test_job_ids_without_a_suite_stay_and_with_one_change(embedded_root):
-    from bench.train import prepare
+    from bench.prepare import prepare
 
     base = tiny_config(embedded_root)
     assert "zeroshot_suite" not in C.identity(base)["data"] and "suite_every" not in C.identity(base)["train"]
@@ -289,7 +289,7 @@ def test_job_ids_without_a_suite_stay_and_with_one_change(embedded_root):
 
 
 def test_a_bad_suite_fails_at_prepare_in_one_line(embedded_root):
-    from bench.train import prepare
+    from bench.prepare import prepare
 
     cfg = tiny_config(embedded_root, **{"data.zeroshot_suite": ["coop100"]})
     with pytest.raises(BenchError, match=r"x.yaml: data.zeroshot_suite: unknown zero-shot suite or card 'coop100'") as e:

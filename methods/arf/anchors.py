@@ -395,7 +395,7 @@ def prepare_sweep(jobs, device: str | None = None, progress: bool = True) -> lis
 
     from bench.data import ensure_generated, load_card, split_classes
     from bench.models import load_clip
-    from bench.train import resolve_device
+    from bench.prepare import resolve_device
 
     groups: dict[str, Any] = {}
     for job in jobs:
