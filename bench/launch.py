@@ -113,7 +113,8 @@ def status_text(source: str, sweep: SweepConfig, plan: Plan, kind: str) -> str:
     if again and not plan.retry:
         line += f" (and {again:,} failed or stale: add --retry to relaunch them)"
     lines.append(line)
-    gpus = sweep.launcher.slurm.gpus if kind == "slurm" else 0
+    sc = sweep.launcher.slurm
+    gpus = sc.gpus * sc.nodes if kind == "slurm" else 0  # a multi-node job holds gpus on each of its nodes
     lines.append(f"  compute to launch ({kind}): {estimate(plan, todo, gpus)}")
     failed = [j for j, s in zip(plan.jobs, plan.states) if s == "failed"][:3]
     for j in failed:

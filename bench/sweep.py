@@ -162,6 +162,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         value = getattr(sweep.launcher.local, key)
         if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise BenchError(f"{source}: launcher.local.{key} must be auto or a positive integer, got {value!r}")
+    _check_slurm(sweep.launcher.slurm, source)
     if sweep.search.n_draws < 1:
         raise BenchError(f"{source}: search.n_draws must be at least 1, got {sweep.search.n_draws}")
     if sweep.search.draw_0 not in ("defaults", "random"):
@@ -313,6 +314,26 @@ def draw_value(spec: Any, draw: int, key: str) -> Any:
     if kind == "pow2_int_uniform":
         return int(2 ** u)
     raise AssertionError(kind)
+
+
+# launcher.slurm's numbers: key -> (lowest allowed, what it is); max_array_size may also be null
+_SLURM_BOUNDS = {"gpus": (0, "GPUs per job and node; 0 for a CPU job"), "nodes": (1, "nodes per job"),
+                 "cpus": (1, "CPU cores per job"), "mem_gb": (0, "memory per job, GiB"),
+                 "time_min": (1, "minutes per attempt"), "array_parallelism": (1, "array tasks running at once"),
+                 "max_array_size": (1, "tasks per job array; null: Slurm's MaxArraySize"),
+                 "signal_delay_s": (0, "seconds between the requeue signal and the time limit")}
+
+
+def _check_slurm(sc: SlurmLauncher, source: str) -> None:
+    """Every number of launcher.slurm in range (their types are checked at load), before anything is written or
+    submitted: sbatch would refuse some only after the job folders exist, and take others (0 nodes, no memory)."""
+    for key, (lo, what) in _SLURM_BOUNDS.items():
+        value = getattr(sc, key)
+        if value is None and key == "max_array_size":
+            continue
+        if value < lo or (key == "mem_gb" and value <= 0):
+            bound = "above 0" if key == "mem_gb" else f"at least {lo}"
+            raise BenchError(f"{source}: launcher.slurm.{key}: {value!r} is out of range; set it {bound} ({what})")
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> dict:

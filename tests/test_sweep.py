@@ -360,3 +360,25 @@ def test_shipped_sweeps_expand(name):
     if "zeroshot" in per_method:
         assert per_method["zeroshot"] == len({(j.cfg.data.dataset, j.cfg.data.test_domains) for j in jobs}) * len(
             sw.trial_seeds)
+
+
+def test_compute_estimate_times_jobs_by_their_finished_siblings_and_counts_every_gpu(embedded_root, tmp_path):
+    """The dry run's estimate: the mean time per step of finished jobs of the same method and dataset, times the
+    steps to launch; GPU-hours count gpus x nodes of each job (a 2-node job of 4 GPUs holds 8)."""
+    from bench import launch as L
+
+    path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], trial_seeds=[0, 1, 2],
+                      launcher={"kind": "slurm", "slurm": {"gpus": 4, "nodes": 2}})
+    sweep = S.load_sweep(path)
+    jobs = S.expand(sweep, str(path))
+    done = jobs[0]
+    done.run_dir.mkdir(parents=True)
+    (done.run_dir / J.HEARTBEAT).write_text(json.dumps({"time": time.time() - 600}))
+    (done.run_dir / R.DONE).write_text("")
+    plan = L.make_plan(jobs)
+    text = L.status_text(str(path), sweep, plan, "slurm")
+    line = next(ln for ln in text.splitlines() if "compute to launch" in ln)
+    seconds = 2 * 600  # two jobs left, each as long as the finished one (same steps)
+    assert f"2 jobs, {2 * done.steps:,} training steps" in line, line
+    assert f"~{seconds * 8 / 3600:,.1f} GPU-h" in line and "timed on 1 finished job" in line, line
+    assert "GPU-h" not in L.status_text(str(path), sweep, plan, "local")

@@ -153,6 +153,12 @@ def test_bad_sweep_value_fails_before_any_job_folder(case, dry_run, work, embedd
     ({"search": {"n_draws": 3, "space": {"hparams.label_smoothing": ["uniform", 1.5, 2]}}},
      "hparams.label_smoothing: "),
     ({"overrides": {"methods": {"erm": {"train": {"steps": -70}}}}}, "overrides.methods.erm.train.steps: -70"),
+    ({"launcher": {"kind": "debug", "slurm": {"nodes": 0}}}, "launcher.slurm.nodes: 0 is out of range"),
+    ({"launcher": {"kind": "debug", "slurm": {"gpus": -1}}}, "launcher.slurm.gpus: -1 is out of range"),
+    ({"launcher": {"kind": "debug", "slurm": {"gpus": 1.5}}}, "launcher.slurm.gpus' must be int, got 1.5"),
+    ({"launcher": {"kind": "debug", "slurm": {"mem_gb": 0}}}, "launcher.slurm.mem_gb: 0.0 is out of range; set it above 0"),
+    ({"launcher": {"kind": "debug", "slurm": {"time_min": 0}}}, "launcher.slurm.time_min: 0 is out of range"),
+    ({"launcher": {"kind": "debug", "slurm": {"max_array_size": 0}}}, "launcher.slurm.max_array_size: 0"),
 ])
 def test_bad_sweep_file_keys(top, says, work, embedded_root, capsys):
     tmp_path, before = work
