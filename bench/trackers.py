@@ -39,9 +39,12 @@ def scalar_name(row: dict) -> str:
 
 
 def scalars(rows: Iterable[dict]) -> list[tuple[str, float, int]]:
-    """(name, value, step) of every row with a finite number as its value."""
+    """(name, value, step) of every row with a finite number as its value; not the reliability histograms
+    (metric rel_bins: their value is the bin count, their content is in "bins"; bench plot --kind reliability)."""
     out = []
     for row in rows:
+        if "bins" in row:
+            continue
         value = row.get("value")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out.append((scalar_name(row), float(value), int(row.get("step", 0))))

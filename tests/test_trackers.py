@@ -135,5 +135,9 @@ def test_scalar_names_skip_empty_parts_and_non_numbers():
             {"step": 2, "role": "ood", "domain": "sketch", "split": "in", "metric": "acc", "value": 1,
              "variant": "wise:0.5"},
             {"step": 2, "role": "train", "domain": None, "split": None, "metric": "x", "value": float("nan")},
-            {"step": 2, "role": "train", "domain": None, "split": None, "metric": "y", "value": None}]
-    assert T.scalars(rows) == [("train/loss", 0.5, 2), ("wise:0.5/ood/acc/sketch/in", 1.0, 2)]
+            {"step": 2, "role": "train", "domain": None, "split": None, "metric": "y", "value": None},
+            {"step": 2, "role": "ood", "domain": "sketch", "split": "in", "metric": "rel_bins", "value": 15, "n": 9,
+             "bins": "..."},  # a reliability histogram, not a scalar
+            {"step": 2, "role": "id_val", "domain": None, "split": None, "metric": "temperature", "value": 1.5}]
+    assert T.scalars(rows) == [("train/loss", 0.5, 2), ("wise:0.5/ood/acc/sketch/in", 1.0, 2),
+                               ("id_val/temperature", 1.5, 2)]
