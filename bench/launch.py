@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -15,16 +16,84 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from bench import jobs as J
 from bench import results as R
 from bench.errors import BenchError
-from bench.sweep import Job, SweepConfig, describe, fmt_hours
+
+if TYPE_CHECKING:
+    from bench.sweep import Job, SweepConfig
 
 log = logging.getLogger(__name__)
 
 SHOWN_STATES = ("done", "running", "submitted", "failed", "stale", "missing")
+
+
+# ---- configuration (a sweep file's `launcher:` section) ---------------------------------------------
+@dataclass(frozen=True)
+class LocalLauncher:
+    workers: Any = "auto"  # jobs at once; auto: one per GPU, else one per core
+    threads: Any = "auto"  # torch threads per job; auto: cores // workers
+
+
+@dataclass(frozen=True)
+class SlurmLauncher:
+    partition: str | None = None
+    gpus: int = 1  # per job and node; more than 1: one Slurm task per GPU, a distributed job (bench/distributed.py)
+    nodes: int = 1  # per job; more than 1: a distributed job over gpus x nodes tasks
+    cpus: int = 8  # per job (also its torch threads)
+    mem_gb: float = 32
+    time_min: int = 240  # per attempt; a job that times out is requeued and resumes
+    array_parallelism: int = 256  # array tasks running at once
+    max_array_size: int | None = None  # null: Slurm's MaxArraySize; bigger sweeps go out as several arrays
+    signal_delay_s: int = 120  # USR2 this long before the time limit: submitit requeues the job
+    job_name: str | None = None  # default: the sweep's name
+    sbatch: Mapping[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {account: x, qos: y}
+    setup: tuple[str, ...] = ()  # shell lines run before each job, e.g. "module load cuda"
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    kind: str = "local"  # debug (in this process) | local (local processes) | slurm (job arrays)
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 300.0
+    local: LocalLauncher = field(default_factory=LocalLauncher)
+    slurm: SlurmLauncher = field(default_factory=SlurmLauncher)
+
+
+LAUNCHERS = ("debug", "local", "slurm")
+
+
+# launcher.slurm's numbers: key -> (lowest allowed, what it is); max_array_size may also be null
+_SLURM_BOUNDS = {"gpus": (0, "GPUs per job and node; 0 for a CPU job"), "nodes": (1, "nodes per job"),
+                 "cpus": (1, "CPU cores per job"), "mem_gb": (0, "memory per job, GiB"),
+                 "time_min": (1, "minutes per attempt"), "array_parallelism": (1, "array tasks running at once"),
+                 "max_array_size": (1, "tasks per job array; null: Slurm's MaxArraySize"),
+                 "signal_delay_s": (0, "seconds between the requeue signal and the time limit")}
+
+
+def _check_slurm(sc: SlurmLauncher, source: str) -> None:
+    """Every number of launcher.slurm in range (their types are checked at load), before anything is written or
+    submitted: sbatch would refuse some only after the job folders exist, and take others (0 nodes, no memory)."""
+    for key, (lo, what) in _SLURM_BOUNDS.items():
+        value = getattr(sc, key)
+        if value is None and key == "max_array_size":
+            continue
+        if value < lo or (key == "mem_gb" and value <= 0):
+            bound = "above 0" if key == "mem_gb" else f"at least {lo}"
+            raise BenchError(f"{source}: launcher.slurm.{key}: {value!r} is out of range; set it {bound} ({what})")
+
+
+def check_launcher(lc: LauncherConfig, source: str) -> None:
+    """The launcher section of a sweep file, checked at load (types by bench.config.from_dict, values here)."""
+    if lc.kind not in LAUNCHERS:
+        raise BenchError(f"{source}: launcher.kind: {lc.kind!r} is not one of {', '.join(LAUNCHERS)}")
+    for key in ("workers", "threads"):
+        value = getattr(lc.local, key)
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise BenchError(f"{source}: launcher.local.{key} must be auto or a positive integer, got {value!r}")
+    _check_slurm(lc.slurm, source)
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -358,3 +427,26 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
         report.slurm_ids.append(array_id)
         log.info("slurm array %s: %d jobs", array_id, len(chunk))
     return report
+
+
+# ---- describing a plan ---------------------------------------------------------------------------
+def describe(sweep: SweepConfig, jobs: list[Job]) -> str:
+    """'2 methods x 1 dataset x 4 held-out domain sets x 20 draws x 3 trial seeds'."""
+    def n(count, word):
+        return f"{count} {word}{'' if count == 1 else 's'}"
+    domain_sets = {(j.cfg.data.dataset, j.cfg.data.test_domains) for j in jobs}
+    draws = {j.draw for j in jobs}
+    return " x ".join([n(len({j.cfg.method for j in jobs}), "method"),
+                       n(len({j.cfg.data.dataset for j in jobs}), "dataset"),
+                       n(len(domain_sets), "held-out domain set"), n(len(draws), "draw"),
+                       n(len({j.cfg.trial_seed for j in jobs}), "trial seed")])
+
+
+def fmt_hours(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:,.1f} h"

@@ -16,7 +16,7 @@
     overrides:                               # run-config keys (and search.space) per method / per dataset
       methods: {erm: {hparams: {label_smoothing: 0.1}, search: {space: {...}}}}
       datasets: {domainnet: {train: {eval_every: 1000}}}
-    launcher: {kind: local}                  # debug | local | slurm (see LauncherConfig)
+    launcher: {kind: local}                  # debug | local | slurm (bench/launch.py: LauncherConfig)
     extends: other.yaml                      # optional: this file's keys merged over another sweep file's
 
 Value of a run-config key, last wins: defaults < base < overrides.datasets < overrides.methods < the draw.
@@ -29,7 +29,6 @@ import dataclasses
 import difflib
 import itertools
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,6 +39,7 @@ import yaml
 
 from bench import config as C
 from bench import results as R
+from bench.launch import LauncherConfig, check_launcher
 from bench.data import domain_folder, load_card
 from bench.errors import BenchError
 
@@ -66,40 +66,6 @@ class SearchConfig:
 class Overrides:
     methods: Mapping[str, Any] = field(default_factory=dict)
     datasets: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LocalLauncher:
-    workers: Any = "auto"  # jobs at once; auto: one per GPU, else one per core
-    threads: Any = "auto"  # torch threads per job; auto: cores // workers
-
-
-@dataclass(frozen=True)
-class SlurmLauncher:
-    partition: str | None = None
-    gpus: int = 1  # per job and node; more than 1: one Slurm task per GPU, a distributed job (bench/distributed.py)
-    nodes: int = 1  # per job; more than 1: a distributed job over gpus x nodes tasks
-    cpus: int = 8  # per job (also its torch threads)
-    mem_gb: float = 32
-    time_min: int = 240  # per attempt; a job that times out is requeued and resumes
-    array_parallelism: int = 256  # array tasks running at once
-    max_array_size: int | None = None  # null: Slurm's MaxArraySize; bigger sweeps go out as several arrays
-    signal_delay_s: int = 120  # USR2 this long before the time limit: submitit requeues the job
-    job_name: str | None = None  # default: the sweep's name
-    sbatch: Mapping[str, Any] = field(default_factory=dict)  # extra sbatch options, e.g. {account: x, qos: y}
-    setup: tuple[str, ...] = ()  # shell lines run before each job, e.g. "module load cuda"
-
-
-@dataclass(frozen=True)
-class LauncherConfig:
-    kind: str = "local"  # debug (in this process) | local (local processes) | slurm (job arrays)
-    heartbeat_s: float = 30.0
-    stale_after_s: float = 300.0
-    local: LocalLauncher = field(default_factory=LocalLauncher)
-    slurm: SlurmLauncher = field(default_factory=SlurmLauncher)
-
-
-LAUNCHERS = ("debug", "local", "slurm")
 
 
 @dataclass(frozen=True)
@@ -156,13 +122,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         key, raw = text.split("=", 1)
         data = _set_dotted(data if isinstance(data, dict) else {}, key.strip(), yaml.safe_load(raw))
     sweep = C.from_dict(SweepConfig, data, source)
-    if sweep.launcher.kind not in LAUNCHERS:
-        raise BenchError(f"{source}: launcher.kind: {sweep.launcher.kind!r} is not one of {', '.join(LAUNCHERS)}")
-    for key in ("workers", "threads"):
-        value = getattr(sweep.launcher.local, key)
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise BenchError(f"{source}: launcher.local.{key} must be auto or a positive integer, got {value!r}")
-    _check_slurm(sweep.launcher.slurm, source)
+    check_launcher(sweep.launcher, source)
     if sweep.search.n_draws < 1:
         raise BenchError(f"{source}: search.n_draws must be at least 1, got {sweep.search.n_draws}")
     if sweep.search.draw_0 not in ("defaults", "random"):
@@ -314,26 +274,6 @@ def draw_value(spec: Any, draw: int, key: str) -> Any:
     if kind == "pow2_int_uniform":
         return int(2 ** u)
     raise AssertionError(kind)
-
-
-# launcher.slurm's numbers: key -> (lowest allowed, what it is); max_array_size may also be null
-_SLURM_BOUNDS = {"gpus": (0, "GPUs per job and node; 0 for a CPU job"), "nodes": (1, "nodes per job"),
-                 "cpus": (1, "CPU cores per job"), "mem_gb": (0, "memory per job, GiB"),
-                 "time_min": (1, "minutes per attempt"), "array_parallelism": (1, "array tasks running at once"),
-                 "max_array_size": (1, "tasks per job array; null: Slurm's MaxArraySize"),
-                 "signal_delay_s": (0, "seconds between the requeue signal and the time limit")}
-
-
-def _check_slurm(sc: SlurmLauncher, source: str) -> None:
-    """Every number of launcher.slurm in range (their types are checked at load), before anything is written or
-    submitted: sbatch would refuse some only after the job folders exist, and take others (0 nodes, no memory)."""
-    for key, (lo, what) in _SLURM_BOUNDS.items():
-        value = getattr(sc, key)
-        if value is None and key == "max_array_size":
-            continue
-        if value < lo or (key == "mem_gb" and value <= 0):
-            bound = "above 0" if key == "mem_gb" else f"at least {lo}"
-            raise BenchError(f"{source}: launcher.slurm.{key}: {value!r} is out of range; set it {bound} ({what})")
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> dict:
@@ -555,25 +495,3 @@ def select(all_jobs: list[Job], only: list[str], source: str) -> list[Job]:
 
 def _natural(s: str):
     return (0, int(s), "") if s.isdigit() else (1, 0, s)
-
-
-def describe(sweep: SweepConfig, jobs: list[Job]) -> str:
-    """'2 methods x 1 dataset x 4 held-out domain sets x 20 draws x 3 trial seeds'."""
-    def n(count, word):
-        return f"{count} {word}{'' if count == 1 else 's'}"
-    domain_sets = {(j.cfg.data.dataset, j.cfg.data.test_domains) for j in jobs}
-    draws = {j.draw for j in jobs}
-    return " x ".join([n(len({j.cfg.method for j in jobs}), "method"),
-                       n(len({j.cfg.data.dataset for j in jobs}), "dataset"),
-                       n(len(domain_sets), "held-out domain set"), n(len(draws), "draw"),
-                       n(len({j.cfg.trial_seed for j in jobs}), "trial seed")])
-
-
-def fmt_hours(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:,.1f} h"
