@@ -113,8 +113,7 @@ def evaluate(method: Method, data: EvalData, step: int, device: torch.device, au
     """Rows of every eval set; suite=False skips the zero-shot suite's (role zeroshot_xd, train.suite_every)."""
     was_training = method.training
     method.eval()
-    with method.eval_context():
-        method.eval_cache_clear()
+    with method.evaluating():
         rows = _evaluate(method, data, step, device, autocast, suite)
     method.train(was_training)
     return rows

@@ -209,11 +209,13 @@ class Method(nn.Module):
     def seen_head(self) -> torch.Tensor:
         return self.text_head(self.task.seen_names)
 
-    def eval_cache_clear(self) -> None:
-        """Called before each evaluation; methods caching text heads drop them here."""
-
-    def eval_context(self) -> contextlib.AbstractContextManager:
-        """Entered around each evaluation; WiSE-FT evaluates interpolated weights in it."""
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """A context manager entered around each evaluation (bench/evaluate.py `evaluate`, so also around each
+        post-hoc WiSE or soup variant, whose weights are loaded into the method just before). A method that caches
+        anything derived from its weights (FLYP's and LoRA's text head) drops it on entry, since the weights may
+        have changed since the last evaluation; one that evaluates other weights than it trains (WiSE-FT: the
+        interpolation with the zero-shot weights) swaps them in on entry and restores the trained ones on exit.
+        The default does nothing."""
         return contextlib.nullcontext()
 
 

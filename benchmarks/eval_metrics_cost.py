@@ -33,8 +33,7 @@ def accuracy_only(method, data: EvalData, step: int, device, autocast) -> list[d
     """bench.evaluate._evaluate before issue 11: accuracy of every eval set, nothing else."""
     method.eval()
     rows, unseen_head = [], None
-    with method.eval_context():
-        method.eval_cache_clear()
+    with method.evaluating():
         for i, es in enumerate(data.task.evalsets):
             correct = total = 0
             for x, y in data.batches(i, es):

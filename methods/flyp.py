@@ -7,6 +7,7 @@ Evaluation rebuilds the zero-shot head from the current text tower (template-ave
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,11 @@ class FLYP(Method):
     def loss_from_features(self, features, batch):
         return contrastive_loss(features["image"], features["text"], self.model.logit_scale.exp())
 
-    def eval_cache_clear(self) -> None:
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The head is rebuilt, on first use, from the text tower as it is at this evaluation."""
         self._head = None
+        yield
 
     def seen_head(self) -> torch.Tensor:
         if self._head is None:

@@ -29,6 +29,7 @@ an interpolation of the LoRA factors, not of the merged weights (which would be 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -144,8 +145,11 @@ class LoRA(Method):
         self.register_buffer("prompt_tokens", clip.tokenize(prompts).to(self.model.logit_scale.device),
                              persistent=False)
 
-    def eval_cache_clear(self) -> None:
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The head is rebuilt, on first use, from the adapted text tower as it is at this evaluation."""
         self._head = None
+        yield
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The zero-shot head of the adapted text tower, cached between evaluations (as FLYP's); the same

@@ -35,7 +35,8 @@ class WiSEFT(ERM):
         self._theta0 = {n: p.detach().clone() for n, p in self.trainable_parameters()}
 
     @contextlib.contextmanager
-    def eval_context(self):
+    def evaluating(self):
+        """The interpolated weights in place of the fine-tuned ones, which are restored on exit."""
         params = dict(self.trainable_parameters())
         finetuned = {n: p.detach().clone() for n, p in params.items()}
         mixed = interpolate(self._theta0, finetuned, self.hparams.alpha)

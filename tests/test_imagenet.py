@@ -242,10 +242,7 @@ class FavoursTheDecoy(torch.nn.Module):
         logits[:, DECOY] = 10.0
         return logits
 
-    def eval_cache_clear(self):
-        pass
-
-    def eval_context(self):
+    def evaluating(self):
         import contextlib
         return contextlib.nullcontext()
 

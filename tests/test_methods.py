@@ -120,11 +120,31 @@ def test_wise_ft_at_alpha_0_is_the_zeroshot_model_and_at_1_the_finetuned_one(emb
     wise.eval()
     with torch.no_grad():  # as in evaluation (autograd changes which attention kernel runs)
         finetuned = wise.predict(batch["images"])
-        with wise.eval_context():
+        with wise.evaluating():
             mixed = wise.predict(batch["images"])
         zeroshot = zs.predict(batch["images"])
     assert torch.equal(mixed, zeroshot if alpha == 0 else finetuned)
     assert not torch.equal(finetuned, zeroshot)
+
+
+@pytest.mark.parametrize("name", ["flyp", "lora", "arf", "carot"])
+def test_a_cached_text_head_is_rebuilt_at_each_evaluation(embedded_root, name):
+    """FLYP and LoRA (and, by inheritance, ARF and CaRot) cache their text head; evaluating() drops it on entry."""
+    method, task, clip = make(embedded_root, name)
+    images = batch_of(task, clip)["images"]
+    method.eval()
+    with torch.no_grad():
+        with method.evaluating():
+            before = method.predict(images)
+        perturb(method)  # "training" between two evaluations
+        stale = method.predict(images)  # outside an evaluation: still the cached head
+        with method.evaluating():
+            after = method.predict(images)
+            assert torch.equal(after, method.predict(images))  # cached within the evaluation
+        method._head = None
+        fresh = method.predict(images)
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
+    assert not torch.equal(stale, fresh)
 
 
 def accs(rows):

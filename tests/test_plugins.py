@@ -91,3 +91,22 @@ def test_the_documented_hook_examples_run_and_resume(name, embedded_root, tmp_pa
         METHODS.unregister(name)
         for module in [m for m in sys.modules if m.startswith(f"rft_bench_plugin_{name}")]:
             del sys.modules[module]
+
+
+def test_the_documented_evaluating_example_runs(embedded_root, tmp_path):
+    """docs/ADDING_A_METHOD.md's evaluating() example, as a user's own file: it trains and evaluates."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    code = next(b for b in blocks if '@register_method("text_head_ce")' in b)
+    path = tmp_path / "userdir" / "text_head_ce.py"
+    path.parent.mkdir()
+    path.write_text(code)
+    try:
+        cfg = tiny_config(embedded_root, method="text_head_ce", plugins=[str(path)])
+        out = run(cfg, tmp_path / "run", progress=False)
+        acc = {r["step"]: r["value"] for r in R.read_rows(out / R.RESULTS)
+               if r["metric"] == "acc" and r["role"] == "id_val"}
+        assert (out / R.DONE).is_file() and len(acc) >= 2
+    finally:
+        METHODS.unregister("text_head_ce")
+        for module in [m for m in sys.modules if m.startswith("rft_bench_plugin_text_head_ce")]:
+            del sys.modules[module]
