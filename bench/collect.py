@@ -242,7 +242,8 @@ class Collection:
     """Everything under a results folder.
 
     jobs: one row per job folder: job (index), job_id, path, state, method, dataset, test_set (set_key),
-          test_domains (tuple, config order), n_test, trial_seed, hp, protocol, primary (bool), config, hparams
+          test_domains (tuple, config order), n_test, trial_seed, hp, protocol, primary (bool), config, hparams,
+          baseline (the record's: Method.baseline, NaN if none; see record_baseline)
     rows: result rows of done jobs, deduplicated (a requeued job's repeated rows count once, the last kept):
           job, variant ('' = the method itself), step, role, domain, split, metric, value, n
     problems: notes on folders that are not jobs of any cell (no or unreadable config.json)
@@ -432,6 +433,7 @@ def load(root: str | Path, datasets: list[str] | None = None, cache: bool = True
                 method, dataset = cfg["method"], dataset_label(cfg["data"])
                 test_domains = tuple(cfg["data"]["test_domains"])
                 trial_seed = int(cfg.get("trial_seed", 0))
+                baseline = record_baseline(rec, method)
             except (OSError, ValueError, KeyError, TypeError) as err:
                 log.warning("%s: unreadable run config (%s); the folder is left out",
                             os.path.join(run_dir, CONFIG), err)
@@ -446,12 +448,12 @@ def load(root: str | Path, datasets: list[str] | None = None, cache: bool = True
         hparams = rec.get("hparams") or {}
         jobs.append((j, str(rec.get("job_id") or os.path.basename(run_dir)), run_dir, state, method, dataset,
                      set_key(test_domains), test_domains, len(set(test_domains)), trial_seed,
-                     _hp_key(cfg, hparams), rec.get("protocol_version"), cfg, hparams))
+                     _hp_key(cfg, hparams), rec.get("protocol_version"), cfg, hparams, baseline))
         if state == "done":
             done.append((j, run_dir))
     jobs_df = pd.DataFrame(jobs, columns=["job", "job_id", "path", "state", "method", "dataset", "test_set",
                                           "test_domains", "n_test", "trial_seed", "hp", "protocol", "config",
-                                          "hparams"])
+                                          "hparams", "baseline"])
     jobs_df = _drop_copies(jobs_df, problems)
     keep = set(jobs_df.loc[jobs_df["state"] == "done", "job"])
     # a --dataset filter reads from the cache but does not rewrite it (it would drop the other datasets' files)
@@ -519,6 +521,37 @@ def _index_datasets(coll: Collection) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- selection
+
+# Methods whose records predate the "baseline" key of config.json (issue 13): the values their classes declare.
+LEGACY_BASELINES = {"zeroshot": 0, "erm": 1}
+
+
+def record_baseline(rec: dict, method: str) -> int | None:
+    """A run's baseline rank (Method.baseline, recorded by bench.results.config_record): None if it is no baseline.
+    Records written before the key existed get LEGACY_BASELINES' value of their method."""
+    if "baseline" not in rec:
+        return LEGACY_BASELINES.get(method)
+    return None if rec["baseline"] is None else int(rec["baseline"])
+
+
+def baselines(coll: Collection) -> dict[str, int]:
+    """Method -> baseline rank, for the methods some of whose runs record one (the lowest if they disagree)."""
+    b = coll.jobs.dropna(subset=["baseline"])
+    return {m: int(v) for m, v in b.groupby("method")["baseline"].min().items()}
+
+
+def method_order(method: str, ranks: dict[str, int]) -> tuple:
+    """Sort key of a method's rows (ranks: `baselines(coll)`): baselines first, in their rank's order, then the
+    other methods by name. A post-hoc variant row ("erm+wise:0.5") is no baseline; it follows its method."""
+    rank = ranks.get(method)
+    return (0, rank, method) if rank is not None else (1, 0, method)
+
+
+def reference_method(ranks: dict[str, int]) -> str | None:
+    """The method of rank 0, the zero-shot model (plots draw it as the reference point); the first by name if
+    several are."""
+    return min((m for m, r in ranks.items() if r == 0), default=None)
+
 
 def label_of(method: str, variant: str) -> str:
     return method if not variant else f"{method}+{variant}"

@@ -305,6 +305,7 @@ def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | 
         ev.close()
     record = {"job_id": job_id, "config": first["config"], "hparams": first.get("hparams") or {},
               "seed": first.get("seed"), "protocol_version": C.PROTOCOL_VERSION, **R.versions(),
+              **({"baseline": first["baseline"]} if "baseline" in first else {}),  # older members: collect's fallback
               "combined": {"combiner": combiner.name, "options": C.to_dict(combiner.options), "group_by": group_by,
                            "members": [{"job_id": m.job_id, "run_dir": str(m.run_dir), "step": m.step,
                                         "hparams": m.record.get("hparams") or {},

@@ -64,6 +64,10 @@ class Method(nn.Module):
     name: ClassVar[str]
     Hparams: ClassVar[type] = NoHparams
     trains: ClassVar[bool] = True  # False: evaluated as is (the zero-shot baseline)
+    # A reference row: tables and plots list baselines first, in this order; the zero-shot model is 0 (and is
+    # drawn as the reference point in plots), plain fine-tuning (ERM) 1. Read with baseline_of(cls): only the
+    # class that sets it is a baseline, so a method subclassing ERM is not (bench.results records it per run).
+    baseline: ClassVar[int | None] = None
 
     def __init__(self, clip: Clip, task: Task, hparams: Any):
         super().__init__()
@@ -217,6 +221,11 @@ class Method(nn.Module):
         interpolation with the zero-shot weights) swaps them in on entry and restores the trained ones on exit.
         The default does nothing."""
         return contextlib.nullcontext()
+
+
+def baseline_of(cls: type[Method]) -> int | None:
+    """The class's own `baseline` (Method.baseline), not inherited: subclasses of a baseline are not baselines."""
+    return vars(cls).get("baseline")
 
 
 def resolve_hparams(method: str, hparams: dict | None, source: str = "config") -> Any:

@@ -15,6 +15,7 @@ import pandas as pd
 from bench import collect as K
 
 WISE = re.compile(r"^wise:([0-9.]+)$")
+REF = " reference"  # the legend key of the reference star (no row label has a space)
 
 
 def points(coll: K.Collection, selection: str = "train_val", datasets: list[str] | None = None) -> pd.DataFrame:
@@ -60,8 +61,9 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
     nrow = math.ceil(len(panels) / ncol)
     fig = Figure(figsize=(5.2 * ncol + 0.6, 4.4 * nrow + 0.9), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
-    methods = [m for m in dict.fromkeys(sorted(pts["method"], key=lambda m: ({"zeroshot": 0, "erm": 1}.get(m, 2), m)))
-               if m != "zeroshot"]
+    ranks = K.baselines(coll)
+    ref = K.reference_method(ranks)  # the zero-shot model (baseline 0): drawn as the reference star
+    methods = [m for m in dict.fromkeys(sorted(pts["method"], key=lambda m: K.method_order(m, ranks))) if m != ref]
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     handles: dict[str, object] = {}
@@ -89,13 +91,14 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
                             fmt=marker, color=color[method], ms=7, capsize=2.5, zorder=4, mec="black", mew=0.6)
                 handles.setdefault(r["label"], Line2D([], [], ls="", marker=marker, color=color[method], ms=7,
                                                       mec="black", mew=0.6, label=r["label"]))
-        zs = p[p["method"] == "zeroshot"]
+        zs = p[p["method"] == ref]
         if not len(zs):  # WiSE-FT at alpha 0 is the zero-shot model
             zs = p[p["alpha"] == 0.0].head(1)
         for _, r in zs.iterrows():
             ax.errorbar(100 * r["id"], 100 * r[y], xerr=100 * r["id_se"], yerr=100 * r[ye], fmt="*",
                         color="black", ms=13, capsize=2.5, zorder=5)
-            handles.setdefault("zeroshot", Line2D([], [], ls="", marker="*", color="black", ms=13, label="zero-shot"))
+            handles.setdefault(REF, Line2D([], [], ls="", marker="*", color="black", ms=13,
+                                           label="zero-shot" if ref in (None, "zeroshot") else f"{ref} (zero-shot)"))
         lo, hi = int(p["n"].min()), int(p["n"].max())
         seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
         ax.set_title(f"{ds}: ID vs {'OOD' if y == 'ood' else 'zero-shot'} ({seeds} trial seed{'s' if hi != 1 else ''})",
@@ -106,7 +109,7 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
         ax.margins(0.12)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    order = ["zeroshot"] + [k for k in handles if k != "zeroshot"]
+    order = [REF] + [k for k in handles if k != REF]
     shown = [handles[k] for k in order if k in handles]
     fig.legend(handles=shown, loc="outside lower center", ncol=min(len(shown), 2 if ncol == 1 else 4), fontsize=9,
                frameon=False)
@@ -165,9 +168,11 @@ def reliability(coll: K.Collection, out: str | Path, selection: str = "train_val
     nrow = math.ceil(len(panels) / ncol)
     fig = Figure(figsize=(5.4 * ncol + 0.6, 5.0 * nrow + 1.0), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
-    labels = sorted(dict.fromkeys(bins["label"]), key=lambda m: ({"zeroshot": 0, "erm": 1}.get(m, 2), m))
+    ranks = K.baselines(coll)  # the labels are methods (no post-hoc variants)
+    labels = sorted(dict.fromkeys(bins["label"]), key=lambda m: K.method_order(m, ranks))
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-    color = {m: "black" if m == "zeroshot" else palette[i % len(palette)] for i, m in enumerate(labels)}
+    ref = K.reference_method(ranks)
+    color = {m: "black" if m == ref else palette[i % len(palette)] for i, m in enumerate(labels)}
     for ax, (ds, side) in zip(axes, panels):
         ax.plot([0, 100], [0, 100], ls="--", color="grey", lw=1, zorder=1, label="perfect calibration")
         p = bins[(bins["dataset"] == ds) & (bins["side"] == side) & (bins["n"] > 0)]

@@ -101,14 +101,17 @@ def versions() -> dict:
     return {"git_commit": git_commit(), "torch": torch.__version__, "python": platform.python_version()}
 
 
-def config_record(job_id: str, cfg, hparams: dict, seed: int, versions: dict, **extra: Any) -> dict:
+def config_record(job_id: str, cfg, hparams: dict, seed: int, versions: dict, *, baseline: int | None,
+                  **extra: Any) -> dict:
     """What <run>/config.json holds: the job id, the config, its resolved hparams, the training seed, the protocol
-    version, `versions()`, the pretrained weights' sha256, and `extra` (a sweep's name and draw)."""
+    version, `versions()`, the pretrained weights' sha256, the method's `baseline` (bench.method.baseline_of: the
+    collector orders table rows by it without importing methods) and `extra` (a sweep's name and draw). Not part of
+    the job id."""
     from bench import config as C
     from bench.models import pretrained_sha256  # cached per file version: hashed once per sweep, not per job
 
     return {"job_id": job_id, "config": C.to_dict(cfg), "hparams": hparams, "seed": seed,
-            "protocol_version": C.PROTOCOL_VERSION, **versions, **extra,
+            "protocol_version": C.PROTOCOL_VERSION, "baseline": baseline, **versions, **extra,
             "pretrained_sha256": pretrained_sha256(cfg.model.name, cfg.model.pretrained)}
 
 

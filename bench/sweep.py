@@ -94,6 +94,7 @@ class Job:
     hparams: dict = field(repr=False, compare=False, default_factory=dict)  # resolved (defaults filled in)
     seed: int = field(repr=False, compare=False, default=0)  # the training seed
     meta: dict = field(repr=False, compare=False, default_factory=dict)  # sweep name, versions
+    baseline: int | None = field(repr=False, compare=False, default=None)  # the method's (bench.method.baseline_of)
 
     @property
     def steps(self) -> int:
@@ -104,7 +105,7 @@ class Job:
         """What <run>/config.json holds (the trainer's record, plus the sweep and draw it came from)."""
         meta = dict(self.meta)
         name = meta.pop("sweep_name", None)
-        return R.config_record(self.job_id, self.cfg, self.hparams, self.seed, meta,
+        return R.config_record(self.job_id, self.cfg, self.hparams, self.seed, meta, baseline=self.baseline,
                                sweep={"name": name, "draw": self.draw})
 
 
@@ -341,7 +342,7 @@ def _check_data(card, root: str, dataset: str, test_domains: set[str], source: s
 
 def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -> list[Job]:
     """Every job of a sweep, validated in full (nothing runs or is written here)."""
-    from bench.method import METHODS, hparams_dict, load_builtin_methods, load_plugin
+    from bench.method import METHODS, baseline_of, hparams_dict, load_builtin_methods, load_plugin
     from bench.prepare import prepare
 
     load_builtin_methods()
@@ -412,7 +413,7 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
                         if prep.job_id in jobs:
                             continue  # two draws that agree (a choice space, or a method that ignores a key)
                         jobs[prep.job_id] = Job(cfg, prep.job_id, output / prep.job_id, draw, trains,
-                                                hparams_dict(prep.hparams), prep.seed, meta)
+                                                hparams_dict(prep.hparams), prep.seed, meta, baseline_of(cls))
     if check_data:
         problems = check_resources(list(jobs.values()), source, first_only=True)
         if problems:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import io
 import json
 import re
@@ -75,16 +76,16 @@ def _listing(items: list[str]) -> str:
     return "; ".join(shown) + more
 
 
-def _row_key(label: str):
+def _row_key(label: str, ranks: dict[str, int]):
+    """Baselines first (K.method_order; ranks: K.baselines), then methods by name; a method's variants after it."""
     method, _, variant = label.partition("+")
-    head = {"zeroshot": 0, "erm": 1}.get(method, 2)
     parts = []
     for p in re.split(r"[:=]", variant):
         try:
             parts.append((0, float(p), ""))
         except ValueError:
             parts.append((1, 0.0, p))
-    return head, method, bool(variant), parts
+    return K.method_order(method, ranks), bool(variant), parts
 
 
 class _Explainer:
@@ -267,7 +268,7 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
     labels = (set(u.table.loc[u.table["dataset"].isin(all_ds), "label"])
               | set(coll.jobs.loc[coll.jobs["dataset"].isin(all_ds), "method"]))
     labels = sorted((lab for lab in labels if not rows or any(fnmatch.fnmatchcase(lab, p) for p in rows)),
-                    key=_row_key)
+                    key=functools.partial(_row_key, ranks=K.baselines(coll)))
     costs = K.job_costs(coll) if cost else None
 
     def fill(section: Section, col: str, ds: str, m: str) -> None:

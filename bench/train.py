@@ -24,7 +24,7 @@ from bench.accumulate import accumulate
 from bench.data import ImageItems, StepSampler, iterate
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
-from bench.method import METHODS, build_method, hparams_dict
+from bench.method import METHODS, baseline_of, build_method, hparams_dict
 from bench.models import load_clip
 from bench.prepare import Prepared, autocast_for, build_run_task, prepare, resolve_device
 from bench.wise import wise_rows
@@ -125,7 +125,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / R.CONFIG).is_file():  # a sweep wrote it before launch, or this run did before a restart
             R.write_record(run_dir, R.config_record(prep.job_id, cfg, hparams_dict(prep.hparams), prep.seed,
-                                                    R.versions()))
+                                                    R.versions(), baseline=baseline_of(METHODS.get(cfg.method))))
         dist.barrier()
 
     torch.manual_seed(prep.seed)

@@ -33,6 +33,8 @@ def zeroshot_head(method: Method) -> LinearHead:
 
 @register_method("erm")
 class ERM(Method):
+    baseline = 1  # listed after zero-shot; subclasses are not baselines (bench.method.baseline_of)
+
     @dataclass(frozen=True)
     class Hparams:
         label_smoothing: float = 0.0

@@ -15,6 +15,7 @@ from methods.erm import zeroshot_head
 @register_method("zeroshot")
 class ZeroShot(Method):
     trains = False
+    baseline = 0  # the reference row: listed first, the reference point in plots
 
     def __init__(self, clip, task, hparams):
         super().__init__(clip, task, hparams)

@@ -183,6 +183,7 @@ def test_bench_combine_writes_a_run_per_task_that_the_collector_and_table_show(r
         assert rec["combined"]["combiner"] == name and [m["job_id"] for m in rec["combined"]["members"]] == ids
         assert sorted(rec["combined"]["variants"]) == variants
         assert rec["config"]["trial_seed"] == 0 and rec["config"]["data"]["test_domains"] == ["sketch"]
+        assert "baseline" in rec and rec["baseline"] == json.loads((root / "a" / R.CONFIG).read_text())["baseline"]
         rows = R.read_rows(folder / R.RESULTS)
         assert sorted({r["variant"] for r in rows}) == variants
         assert {r["role"] for r in rows} >= {"id_val", "ood", "zeroshot"}

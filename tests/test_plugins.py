@@ -1,4 +1,5 @@
 """A user registers a method from their own file, without editing the harness (docs/ADDING_A_METHOD.md)."""
+import json
 import re
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_the_documented_example_runs_end_to_end(plugin_file, embedded_root, tmp_
     rows = R.read_rows(out / R.RESULTS)
     assert (out / R.DONE).is_file() and any(r["metric"] == "penalty" and r["value"] > 0 for r in rows)
     assert torch.load(out / R.FINAL)["method"].keys() >= {"head.weight"}
+    assert json.loads((out / R.CONFIG).read_text())["baseline"] is None  # extends ERM: not a baseline itself
 
 
 def test_cli_lists_a_plugin_method(plugin_file):

@@ -102,6 +102,7 @@ def test_sweep_ids_are_prepare_ids_and_survive_config_json(embedded_root, tmp_pa
         assert job.job_id == prepare(job.cfg).job_id
         again = C.from_dict(C.RunConfig, json.loads(json.dumps(job.record))["config"])
         assert prepare(again).job_id == job.job_id
+        assert job.record["baseline"] == {"zeroshot": 0, "erm": 1}[job.cfg.method]  # recorded, not in the id
         assert job.run_dir == (tmp_path / "runs" / job.job_id)
         # The launcher's settings are not part of a job's identity.
     sw2 = S.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", search={"n_draws": 2, "space": {"train.lr": [
