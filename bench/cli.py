@@ -22,11 +22,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args) -> None:
-    from bench import config as C
+    from bench import config
     from bench.prepare import prepare
     from bench.train import run
 
-    cfg = C.load_run_config(args.config, args.set)
+    cfg = config.load_run_config(args.config, args.set)
     source = args.config or "config"
     prep = prepare(cfg, source)
     out = Path(args.out) if args.out else Path("runs") / prep.job_id
@@ -83,9 +83,9 @@ def cmd_datasets(args) -> None:
 
 def _report_resources(path: str) -> None:
     """bench datasets --sweep FILE: each method's own files (captioner weights, pools: Method.check_resources)."""
-    from bench import sweep as S
+    from bench import sweep
 
-    problems = S.check_resources(S.expand(S.load_sweep(path), path, check_data=False), path)
+    problems = sweep.check_resources(sweep.expand(sweep.load_sweep(path), path, check_data=False), path)
     print(f"{path}: files the methods read besides the datasets")
     for label, err in problems:
         print(f"    {label:40s} {'ok' if err is None else 'missing: ' + err}")
@@ -95,11 +95,11 @@ def _report_resources(path: str) -> None:
 
 
 def cmd_prepare_anchors(args) -> None:
-    from bench import sweep as S
+    from bench import sweep
     from methods.arf import anchors
 
-    sw = S.load_sweep(args.file, args.set)
-    jobs = S.select(S.expand(sw, args.file, check_data=False), args.only, args.file)
+    sw = sweep.load_sweep(args.file, args.set)
+    jobs = sweep.select(sweep.expand(sw, args.file, check_data=False), args.only, args.file)
     lines = anchors.prepare_sweep(jobs, device=args.device, progress=not args.no_progress)
     for line in lines:
         print(line)
@@ -147,7 +147,7 @@ def cmd_wise(args) -> None:
 
 
 def cmd_combine(args) -> None:
-    from bench import config as C
+    from bench import config
     from bench.combine import build_combiner, combine_runs
     from bench.method import load_plugin
 
@@ -155,7 +155,7 @@ def cmd_combine(args) -> None:
         load_plugin(plugin)
     options: dict = {}
     for text in args.opt:
-        options = C.merge(options, C.parse_override(text, "--opt"))
+        options = config.merge(options, config.parse_override(text, "--opt"))
     combiner = build_combiner(args.combiner, options)
     for folder in combine_runs(args.runs, combiner, args.out, args.group_by, args.method, args.device):
         print(folder)
@@ -173,24 +173,24 @@ def cmd_combiners(args) -> None:
 
 def _sweep_plan(args):
     """Load, validate in full and plan a sweep (nothing is written)."""
-    from bench import launch as L
-    from bench import sweep as S
+    from bench import launch
+    from bench import sweep
 
-    sw = S.load_sweep(args.file, getattr(args, "set", None) or ())
+    sw = sweep.load_sweep(args.file, getattr(args, "set", None) or ())
     kind = getattr(args, "launcher", None) or sw.launcher.kind
-    jobs = S.select(S.expand(sw, args.file), args.only, args.file)
-    plan = L.make_plan(jobs, retry=getattr(args, "retry", False), stale_after=sw.launcher.stale_after_s)
+    jobs = sweep.select(sweep.expand(sw, args.file), args.only, args.file)
+    plan = launch.make_plan(jobs, retry=getattr(args, "retry", False), stale_after=sw.launcher.stale_after_s)
     return sw, kind, plan
 
 
 def cmd_sweep(args) -> None:
-    from bench import launch as L
+    from bench import launch
 
     sw, kind, plan = _sweep_plan(args)
-    print(L.status_text(args.file, sw, plan, kind), file=sys.stderr)
+    print(launch.status_text(args.file, sw, plan, kind), file=sys.stderr)
     if args.dry_run or not plan.to_launch:
         return
-    report = L.launch(plan.to_launch, sw, kind, progress=not args.no_progress, workers=args.workers)
+    report = launch.launch(plan.to_launch, sw, kind, progress=not args.no_progress, workers=args.workers)
     if kind == "slurm":
         print(f"submitted {report.launched:,} jobs as Slurm array(s) {', '.join(report.slurm_ids)}; "
               f"follow them with `bench status {args.file}`", file=sys.stderr)
@@ -203,18 +203,18 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from bench import launch as L
+    from bench import launch
 
     sw, kind, plan = _sweep_plan(args)
-    print(L.status_text(args.file, sw, plan, kind))
+    print(launch.status_text(args.file, sw, plan, kind))
 
 
 def _collect(args):
     """The runs under --runs (for table, plot, export-best)."""
-    from bench import collect as K
+    from bench import collect
 
-    K.check_selection(args.selection)
-    coll = K.load(args.runs, args.dataset, cache=not getattr(args, "no_cache", False))
+    collect.check_selection(args.selection)
+    coll = collect.load(args.runs, args.dataset, cache=not getattr(args, "no_cache", False))
     if not len(coll.jobs):
         raise BenchError(f"no runs under {args.runs}; run `bench sweep sweeps/quickstart.yaml` first "
                          f"(or point --runs at a sweep's output folder)")
@@ -222,12 +222,12 @@ def _collect(args):
 
 
 def cmd_table(args) -> None:
-    from bench import collect as K
-    from bench import tables as T
+    from bench import collect
+    from bench import tables
 
-    K.check_metric(args.metric)
-    report = T.build(_collect(args), args.metric, args.selection, args.cost, args.dataset, args.rows)
-    text = T.render(report, args.format)
+    collect.check_metric(args.metric)
+    report = tables.build(_collect(args), args.metric, args.selection, args.cost, args.dataset, args.rows)
+    text = tables.render(report, args.format)
     if args.out:
         Path(args.out).write_text(text)
         print(args.out, file=sys.stderr)
@@ -248,9 +248,9 @@ def cmd_export_best(args) -> None:
 
     import yaml
 
-    from bench import collect as K
+    from bench import collect
 
-    best = K.export_best(_collect(args), args.selection, args.dataset)
+    best = collect.export_best(_collect(args), args.selection, args.dataset)
     if args.configs:
         folder = Path(args.configs)
         folder.mkdir(parents=True, exist_ok=True)

@@ -35,16 +35,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import jobs as J
-from bench import results as R
+from bench import jobs as job_states
+from bench import results
 from bench.cards import card_file, read_ood_averages
 from bench.config import NOT_IDENTITY
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
 
-CONFIG, RESULTS, DONE = R.CONFIG, R.RESULTS, R.DONE
-RUN_FILES = {CONFIG, RESULTS, DONE, J.FAILED, J.HEARTBEAT, J.SUBMITTED}  # a folder holding any of these is a run
+CONFIG, RESULTS, DONE = results.CONFIG, results.RESULTS, results.DONE
+# a folder holding any of these is a run
+RUN_FILES = {CONFIG, RESULTS, DONE, job_states.FAILED, job_states.HEARTBEAT, job_states.SUBMITTED}
 
 # ImageNet-style benchmarks: one run holds out several shift sets at once. Per-set numbers are always kept;
 # these are the averages each suite reports (data, not code: add a suite here).
@@ -147,8 +148,8 @@ def job_state(run_dir: str | Path, names: set[str] | None = None) -> str:
     """bench.jobs' state of a run folder (missing | submitted | running | stale | done | failed); `names`, its
     file names when the caller has listed them already, saves listing it again."""
     if names is None:
-        return J.job_state(run_dir)
-    return J.state_of(Path(run_dir), names)
+        return job_states.job_state(run_dir)
+    return job_states.state_of(Path(run_dir), names)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -190,7 +191,7 @@ def read_results(path: str | Path, skipped: list[str] | None = None) -> list[dic
             return rows
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         pass
-    return R.read_rows(path, skipped)
+    return results.read_rows(path, skipped)
 
 
 def _not_hp() -> dict:
@@ -345,7 +346,7 @@ def _read_cache(root: Path) -> tuple[dict, dict] | None:
 def _write_cache(root: Path, files: list, arrays: dict, strings: dict) -> None:
     meta = {"version": CACHE_VERSION, "files": files, "strings": strings}
     try:
-        R.atomic_write(root / CACHE, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
+        results.atomic_write(root / CACHE, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
     except OSError as err:  # a read-only results folder: no cache, same table
         log.debug("%s: cache not written (%s)", root, err)
 

@@ -42,8 +42,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 
-from bench import config as C
-from bench import results as R
+from bench import config
+from bench import results
 from bench.errors import BenchError
 from bench.registry import Registry
 
@@ -121,7 +121,7 @@ def build_combiner(name: str, options: dict | None = None, source: str = "--comb
     cls = COMBINERS.get(name)
     if options and not dataclasses.fields(cls.Options):
         raise BenchError(f"combiner {name} takes no options; drop --opt {', '.join(sorted(options))}")
-    return cls(C.from_dict(cls.Options, options or {}, f"combiner {name}", prefix="options."))
+    return cls(config.from_dict(cls.Options, options or {}, f"combiner {name}", prefix="options."))
 
 
 def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -148,7 +148,7 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 # ---- members -----------------------------------------------------------------------------------------------
 def _record(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / R.CONFIG).read_text())
+        return json.loads((run_dir / results.CONFIG).read_text())
     except (OSError, ValueError):
         return None
 
@@ -159,7 +159,7 @@ def group_key(record: dict, group_by: str) -> str:
     only train.seed_offset (the training seed) differs."""
     if group_by not in GROUP_BY:
         raise BenchError(f"--group-by: {group_by!r} is not one of {', '.join(GROUP_BY)}")
-    ident = C.identity(C.from_dict(C.RunConfig, record["config"], "config.json"))
+    ident = config.identity(config.from_dict(config.RunConfig, record["config"], "config.json"))
     ident.pop("wise_alphas", None)  # what the run evaluated at its end, not what it trained
     if group_by == "method":
         ident.pop("hparams", None)
@@ -167,7 +167,7 @@ def group_key(record: dict, group_by: str) -> str:
     else:
         ident["hparams"] = record.get("hparams") or ident.get("hparams")
         ident["train"].pop("seed_offset", None)
-    return C.stable_hash(ident)
+    return config.stable_hash(ident)
 
 
 def find_runs(root: str | Path, methods: Iterable[str] = ()) -> list[tuple[Path, dict]]:
@@ -177,7 +177,7 @@ def find_runs(root: str | Path, methods: Iterable[str] = ()) -> list[tuple[Path,
     methods = set(methods)
     out = []
     for folder, names in find_run_dirs(root):
-        if not {R.DONE, R.FINAL, R.CONFIG} <= names:
+        if not {results.DONE, results.FINAL, results.CONFIG} <= names:
             continue
         rec = _record(Path(folder))
         if rec is None or "combined" in rec or "config" not in rec:
@@ -199,8 +199,8 @@ class _Evaluator:
         from bench.models import load_clip
         from bench.prepare import autocast_for, build_run_task, prepare, resolve_device
 
-        source = str(run_dir / R.CONFIG)
-        cfg = C.from_dict(C.RunConfig, record["config"], source)
+        source = str(run_dir / results.CONFIG)
+        cfg = config.from_dict(config.RunConfig, record["config"], source)
         prep = prepare(cfg, source)
         self.device = resolve_device(device)
         task = build_run_task(cfg, source)
@@ -242,7 +242,7 @@ class _Evaluator:
 
 
 def _check_finished(run_dir: Path) -> None:
-    if not (run_dir / R.DONE).is_file() or not (run_dir / R.FINAL).is_file():
+    if not (run_dir / results.DONE).is_file() or not (run_dir / results.FINAL).is_file():
         raise BenchError(f"{run_dir}: not a finished run with saved weights (final.pt); run it to the end first "
                          f"(with train.save_final: true)")
 
@@ -252,10 +252,10 @@ def apply_to_run(combiner: Combiner, run_dir: str | Path, device: str = "cpu") -
     variants in the run's results.jsonl. Returns the number of rows written."""
     run_dir = Path(run_dir)
     _check_finished(run_dir)
-    record = json.loads((run_dir / R.CONFIG).read_text())
+    record = json.loads((run_dir / results.CONFIG).read_text())
     ev = _Evaluator(run_dir, record, device)
     try:
-        state, step = ev.load(run_dir / R.FINAL)
+        state, step = ev.load(run_dir / results.FINAL)
         member = Member(str(record.get("job_id") or run_dir.name), run_dir, state, step, record)
         rows: list[dict] = []
         for out in combiner.combine(Context(ev.theta0, [member], ev.score)):
@@ -263,15 +263,15 @@ def apply_to_run(combiner: Combiner, run_dir: str | Path, device: str = "cpu") -
     finally:
         ev.close()
     names = set(combiner.variants())
-    kept = [r for r in R.read_rows(run_dir / R.RESULTS) if r.get("variant") not in names]
-    R.atomic_write_text(run_dir / R.RESULTS, "".join(json.dumps(r) + "\n" for r in kept + rows))
+    kept = [r for r in results.read_rows(run_dir / results.RESULTS) if r.get("variant") not in names]
+    results.atomic_write_text(run_dir / results.RESULTS, "".join(json.dumps(r) + "\n" for r in kept + rows))
     log.info("%s: wrote %d %s rows", run_dir, len(rows), combiner.name)
     return len(rows)
 
 
 def combined_job_id(combiner: Combiner, member_ids: list[str]) -> str:
-    return C.stable_hash({"combiner": combiner.name, "options": C.to_dict(combiner.options),
-                          "members": sorted(member_ids), "protocol_version": C.PROTOCOL_VERSION})
+    return config.stable_hash({"combiner": combiner.name, "options": config.to_dict(combiner.options),
+                          "members": sorted(member_ids), "protocol_version": config.PROTOCOL_VERSION})
 
 
 def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | Path, group_by: str = "method",
@@ -285,7 +285,7 @@ def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | 
                          f"method, dataset, held-out set and trial seed")
     job_id = combined_job_id(combiner, ids)
     folder = Path(out) / job_id
-    if (folder / R.DONE).is_file():
+    if (folder / results.DONE).is_file():
         log.info("%s is done already", folder)
         return folder
     first_dir, first = runs[0]
@@ -293,7 +293,7 @@ def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | 
     try:
         members = []
         for run_dir, rec in runs:
-            state, step = ev.load(run_dir / R.FINAL)
+            state, step = ev.load(run_dir / results.FINAL)
             members.append(Member(str(rec.get("job_id")), run_dir, state, step, rec))
         step = max(m.step for m in members)
         rows: list[dict] = []
@@ -304,18 +304,18 @@ def combine_group(combiner: Combiner, runs: list[tuple[Path, dict]], out: str | 
     finally:
         ev.close()
     record = {"job_id": job_id, "config": first["config"], "hparams": first.get("hparams") or {},
-              "seed": first.get("seed"), "protocol_version": C.PROTOCOL_VERSION, **R.versions(),
+              "seed": first.get("seed"), "protocol_version": config.PROTOCOL_VERSION, **results.versions(),
               **({"baseline": first["baseline"]} if "baseline" in first else {}),  # older members: collect's fallback
-              "combined": {"combiner": combiner.name, "options": C.to_dict(combiner.options), "group_by": group_by,
+              "combined": {"combiner": combiner.name, "options": config.to_dict(combiner.options), "group_by": group_by,
                            "members": [{"job_id": m.job_id, "run_dir": str(m.run_dir), "step": m.step,
                                         "hparams": m.record.get("hparams") or {},
                                         "seed_offset": m.record["config"].get("train", {}).get("seed_offset", 0)}
                                        for m in members],
                            "variants": variants}}
     folder.mkdir(parents=True, exist_ok=True)
-    R.atomic_write_text(folder / R.CONFIG, json.dumps(record, indent=2, sort_keys=True))
-    R.atomic_write_text(folder / R.RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
-    R.atomic_write_text(folder / R.DONE, "")
+    results.atomic_write_text(folder / results.CONFIG, json.dumps(record, indent=2, sort_keys=True))
+    results.atomic_write_text(folder / results.RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
+    results.atomic_write_text(folder / results.DONE, "")
     log.info("%s: %s of %d runs (%s)", folder, combiner.name, len(members), ", ".join(variants))
     return folder
 

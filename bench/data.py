@@ -357,13 +357,13 @@ def build_shift_task(card: DatasetCard, root: str | Path, test_domains: tuple[st
 def suite_evalsets(root: str | Path, names: tuple[str, ...], source: str = "config") -> list[EvalSet]:
     """Role zeroshot_xd: the test split of each zero-shot suite dataset (data.zeroshot_suite), with its own
     class names and templates (bench.zeroshot_suite; CoOp's cross-dataset transfer protocol)."""
-    from bench import zeroshot_suite as Z
+    from bench import zeroshot_suite
 
     out = []
-    for name in Z.resolve_suite(list(names), f"{source}: data.zeroshot_suite"):
-        card = Z.load_zeroshot_card(name)
+    for name in zeroshot_suite.resolve_suite(list(names), f"{source}: data.zeroshot_suite"):
+        card = zeroshot_suite.load_zeroshot_card(name)
         try:
-            items = Z.scan_zeroshot(root, card, "test")
+            items = zeroshot_suite.scan_zeroshot(root, card, "test")
         except BenchError as err:
             raise BenchError(f"{source}: data.zeroshot_suite: {err}") from None
         out.append(EvalSet("zeroshot_xd", card.name, "test", "own", items, class_names=tuple(card.class_names),

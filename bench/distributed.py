@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from bench import accumulate as A
+from bench import accumulate
 from bench.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def rank_batch(method, local: dict[str, Any], index: torch.Tensor, labels_of: to
              "labels": labels_of[index].to(device), "domains": domain_of[index].to(device)}
     with autocast():
         whole = method.drawn(whole)
-    mine = A.split_batch(whole, dist.world, method.row_keys)[dist.rank]
+    mine = accumulate.split_batch(whole, dist.world, method.row_keys)[dist.rank]
     return {**mine, "images": images, "global_batch": whole}
 
 
@@ -166,12 +166,12 @@ def step(method, batch: dict[str, Any], parts: int, autocast, dist: Dist) -> tup
     route = type(method).accumulation_route()
     whole = batch["global_batch"]
     local = {k: v for k, v in batch.items() if k != "global_batch"}
-    pieces = A.split_batch(local, parts, method.row_keys)
+    pieces = accumulate.split_batch(local, parts, method.row_keys)
     params = [p for _, p in method.trainable_parameters()]
     if route == "features":
-        loss, logs = A._features_route(method, whole, pieces, autocast, dist)
+        loss, logs = accumulate._features_route(method, whole, pieces, autocast, dist)
     elif route == "mean":
-        loss, logs = A._mean_route(method, local, pieces, autocast)
+        loss, logs = accumulate._mean_route(method, local, pieces, autocast)
         share = len(local["labels"]) / len(whole["labels"])
         for p in params:
             if p.grad is not None:

@@ -148,18 +148,18 @@ def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, a
     """Per eval set (rows in the task's order): acc, then bench.calibration's ece, nll, ece_ts, macro_f1 (cards
     with metrics: [macro_f1]) and rel_bins; last, the temperature fitted on the id_val sets. The id_val sets are
     evaluated first, so that every other set is temperature-scaled on the fly (no logits kept but id_val's)."""
-    from bench import calibration as CAL
+    from bench import calibration
 
     evalsets = [(i, es) for i, es in enumerate(data.task.evalsets) if es.role != "zeroshot_xd" or suite]
     order = sorted(evalsets, key=lambda ie: ie[1].role != "id_val")  # stable: id_val first, else the task's order
     f1 = "macro_f1" in getattr(data.task.card, "metrics", ())
-    out: dict[int, tuple[dict, dict, CAL.SetMetrics]] = {}
+    out: dict[int, tuple[dict, dict, calibration.SetMetrics]] = {}
     unseen_head, scale, temperature, id_stats = None, None, None, []
 
     def fit() -> float | None:  # on the id_val sets (pooled), then their own ece_ts from their kept logits
         if not id_stats:
             return None
-        t = CAL.fit_temperature(*map(torch.cat, zip(*(s.logits() for s in id_stats))))
+        t = calibration.fit_temperature(*map(torch.cat, zip(*(s.logits() for s in id_stats))))
         for s in id_stats:
             s.set_temperature(t)
         return t
@@ -167,7 +167,7 @@ def _evaluate(method: Method, data: EvalData, step: int, device: torch.device, a
     for i, es in order:
         if temperature is None and es.role != "id_val":
             temperature = fit()
-        stats = CAL.SetMetrics(device, f1=f1 and es.role != "zeroshot_xd", keep=es.role == "id_val")
+        stats = calibration.SetMetrics(device, f1=f1 and es.role != "zeroshot_xd", keep=es.role == "id_val")
         if temperature is not None:
             stats.set_temperature(temperature)
         correct = total = 0

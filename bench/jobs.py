@@ -261,11 +261,11 @@ class JobTask(_Checkpointable):
 
             if threads:
                 torch.set_num_threads(threads)
-            from bench import config as C
+            from bench import config
             from bench.train import run
 
             record = json.loads((run_dir / CONFIG).read_text())
-            cfg = C.from_dict(C.RunConfig, record["config"], str(run_dir / CONFIG))
+            cfg = config.from_dict(config.RunConfig, record["config"], str(run_dir / CONFIG))
             run(cfg, run_dir, progress=False, source=str(run_dir / CONFIG))
         except Exception:
             atomic_write_text(run_dir / FAILED, traceback.format_exc())

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from bench import jobs as J
-from bench import results as R
+from bench import jobs as job_states
+from bench import results
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
@@ -113,15 +113,15 @@ class Plan:
         return [j for j, s in zip(self.jobs, self.states) if s in wanted]
 
 
-def make_plan(jobs: list[Job], retry: bool = False, stale_after: float = J.STALE_AFTER_S) -> Plan:
-    return Plan(jobs, J.states([j.run_dir for j in jobs], stale_after), retry)
+def make_plan(jobs: list[Job], retry: bool = False, stale_after: float = job_states.STALE_AFTER_S) -> Plan:
+    return Plan(jobs, job_states.states([j.run_dir for j in jobs], stale_after), retry)
 
 
 def _job_seconds(job: Job) -> float | None:
     """Wall time of a done job's last attempt: from its heartbeat's start to its `done`."""
     try:
-        start = json.loads((job.run_dir / J.HEARTBEAT).read_text())["time"]
-        return max(0.0, (job.run_dir / R.DONE).stat().st_mtime - start)
+        start = json.loads((job.run_dir / job_states.HEARTBEAT).read_text())["time"]
+        return max(0.0, (job.run_dir / results.DONE).stat().st_mtime - start)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -187,7 +187,7 @@ def status_text(source: str, sweep: SweepConfig, plan: Plan, kind: str) -> str:
     lines.append(f"  compute to launch ({kind}): {estimate(plan, todo, gpus)}")
     failed = [j for j, s in zip(plan.jobs, plan.states) if s == "failed"][:3]
     for j in failed:
-        lines.append(f"  failed: {j.run_dir / J.FAILED}: {_last_line(j.run_dir / J.FAILED)}")
+        lines.append(f"  failed: {j.run_dir / job_states.FAILED}: {_last_line(j.run_dir / job_states.FAILED)}")
     return "\n".join(lines)
 
 
@@ -208,18 +208,18 @@ def write_folder(job: Job, launcher: str) -> dict:
         fresh = True
     except FileExistsError:
         fresh = False
-    path = job.run_dir / R.CONFIG
+    path = job.run_dir / results.CONFIG
     if not fresh and path.is_file():
-        R.check_owner(job.run_dir, job.job_id, "move it away, it is not this sweep's")
+        results.check_owner(job.run_dir, job.job_id, "move it away, it is not this sweep's")
     else:
-        R.write_record(job.run_dir, job.record, fsync=False)
+        results.write_record(job.run_dir, job.record, fsync=False)
     info = {"launcher": launcher, "time": time.time()}
     if launcher in ("local", "debug"):  # the jobs end with this process (see bench.jobs)
-        info.update(J.this_process())
+        info.update(job_states.this_process())
     if fresh:
-        J.write_submitted(job.run_dir, info)
+        job_states.write_submitted(job.run_dir, info)
     else:
-        J.mark_submitted(job.run_dir, **info)
+        job_states.mark_submitted(job.run_dir, **info)
     return info
 
 
@@ -266,7 +266,7 @@ def _launch_debug(jobs: list[Job], sweep: SweepConfig, task) -> Report:
     """In this process, one job after the other (submitit's DebugExecutor: pdb on failure when interactive)."""
     import submitit
 
-    task = task or J.JobTask(heartbeat_s=sweep.launcher.heartbeat_s)
+    task = task or job_states.JobTask(heartbeat_s=sweep.launcher.heartbeat_s)
     executor = submitit.DebugExecutor(folder=_submitit_folder(sweep) / "debug")
     report = Report()
     for job in jobs:
@@ -279,7 +279,7 @@ def _launch_debug(jobs: list[Job], sweep: SweepConfig, task) -> Report:
             else:
                 sub.submission().result()
         except KeyboardInterrupt:
-            J.unmark(job.run_dir)
+            job_states.unmark(job.run_dir)
             raise
         report.done += 1
     return report
@@ -314,7 +314,8 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
 
     lc = sweep.launcher.local
     workers, threads, gpus = local_resources(len(jobs), workers or lc.workers, lc.threads)
-    task = task or J.JobTask(threads=threads, heartbeat_s=sweep.launcher.heartbeat_s, owner=J.owner_token())
+    task = task or job_states.JobTask(threads=threads, heartbeat_s=sweep.launcher.heartbeat_s,
+                                      owner=job_states.owner_token())
     log.info("local launcher: %d jobs, %d at once, %d torch threads each%s", len(jobs), workers, threads,
              f", GPUs {gpus}" if gpus else "")
     pending = collections.deque(jobs)
@@ -332,7 +333,7 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
                                            visible_gpus=[gpu] if gpu is not None else ())
                 write_folder(job, "local")
                 sub = executor.submit(task, str(job.run_dir))
-                J.update_submitted(job.run_dir, local_pid=sub.job_id, log=str(sub.paths.stdout),
+                job_states.update_submitted(job.run_dir, local_pid=sub.job_id, log=str(sub.paths.stdout),
                                    err=str(sub.paths.stderr))
                 running[job.job_id] = (job, sub, gpu)
                 report.launched += 1
@@ -341,12 +342,12 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
                 job, sub, gpu = running.pop(key)
                 if gpu is not None:
                     free_gpus.append(gpu)
-                state = J.job_state(job.run_dir)
+                state = job_states.job_state(job.run_dir)
                 if state == "done":
                     report.done += 1
                 elif state == "failed":
                     report.failed.append(job.run_dir)
-                    log.error("job %s failed: %s", job.run_dir, _last_line(job.run_dir / J.FAILED))
+                    log.error("job %s failed: %s", job.run_dir, _last_line(job.run_dir / job_states.FAILED))
                 else:
                     report.died.append(job.run_dir)
                     log.error("job %s ended without a result (%s); see %s", job.run_dir, state, sub.paths.stderr)
@@ -359,8 +360,8 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
         for job, sub, _ in running.values():
             while not sub.done() and time.time() < deadline:
                 time.sleep(0.1)
-            if J.job_state(job.run_dir) not in ("done", "failed"):
-                J.unmark(job.run_dir)
+            if job_states.job_state(job.run_dir) not in ("done", "failed"):
+                job_states.unmark(job.run_dir)
         raise
     finally:
         bar.close()
@@ -403,7 +404,7 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
         executor.update_parameters(**params)
     except ValueError as err:
         raise BenchError(f"launcher.slurm: {str(err).splitlines()[0]}; fix launcher.slurm") from None
-    task = task or J.JobTask(threads=sc.cpus, heartbeat_s=sweep.launcher.heartbeat_s)
+    task = task or job_states.JobTask(threads=sc.cpus, heartbeat_s=sweep.launcher.heartbeat_s)
     size = sc.max_array_size or slurm_max_array_size()
     report = Report()
     for start in range(0, len(jobs), size):
@@ -413,13 +414,13 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
             subs = executor.map_array(task, [str(j.run_dir) for j in chunk])
         except Exception as err:  # noqa: BLE001  (sbatch refused: nothing of this chunk is queued)
             for job in chunk:
-                J.unmark(job.run_dir)
+                job_states.unmark(job.run_dir)
             first = str(err).strip().splitlines()
             raise BenchError(f"sbatch refused the array ({first[-1] if first else type(err).__name__}); "
                              f"check launcher.slurm (partition, gpus, mem, time, sbatch)") from None
         folder = str(_submitit_folder(sweep))
         for job, sub, info in zip(chunk, subs, infos):  # submitit's file names, without its slow path helpers
-            J.write_submitted(job.run_dir, {**info, "slurm_job_id": sub.job_id,
+            job_states.write_submitted(job.run_dir, {**info, "slurm_job_id": sub.job_id,
                                             "log": f"{folder}/{sub.job_id}_0_log.out",
                                             "err": f"{folder}/{sub.job_id}_0_log.err"})
         report.launched += len(chunk)

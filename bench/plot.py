@@ -12,29 +12,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import collect as K
+from bench import collect
+from bench.errors import BenchError
 
 WISE = re.compile(r"^wise:([0-9.]+)$")
 REF = " reference"  # the legend key of the reference star (no row label has a space)
 
 
-def points(coll: K.Collection, selection: str = "train_val", datasets: list[str] | None = None) -> pd.DataFrame:
+def points(coll: collect.Collection, selection: str = "train_val", datasets: list[str] | None = None) -> pd.DataFrame:
     """Per (dataset, row label): id, ood_avg and zs_avg means and standard errors (fractions; zs NaN where the
     dataset has no unseen classes), trial seeds used."""
-    u = K.units(coll)
-    values = K.chosen_values(coll, K.select(coll, selection, u), u)
+    u = collect.units(coll)
+    values = collect.chosen_values(coll, collect.select(coll, selection, u), u)
     out = []
     for ds in coll.datasets:
         if datasets and ds not in datasets:
             continue
-        ids, _ = K.per_seed(coll, values, "id", ds)
-        oods, _ = K.per_seed(coll, values, "ood_avg", ds)
-        zss, _ = K.per_seed(coll, values, "zs_avg", ds)
+        ids, _ = collect.per_seed(coll, values, "id", ds)
+        oods, _ = collect.per_seed(coll, values, "ood_avg", ds)
+        zss, _ = collect.per_seed(coll, values, "zs_avg", ds)
         both = ids.merge(oods, on=["label", "trial_seed"], suffixes=("_id", "_ood"))
         both = both.merge(zss.rename(columns={"value": "value_zs"}), on=["label", "trial_seed"], how="left")
         for label, g in both.groupby("label"):
-            (x, xe, n), (y, ye, _) = K.mean_se(g["value_id"]), K.mean_se(g["value_ood"])
-            z, ze, _ = K.mean_se(g["value_zs"])
+            (x, xe, n), (y, ye, _) = collect.mean_se(g["value_id"]), collect.mean_se(g["value_ood"])
+            z, ze, _ = collect.mean_se(g["value_zs"])
             method, _, variant = label.partition("+")
             m = WISE.match(variant)
             out.append({"dataset": ds, "label": label, "method": method, "variant": variant,
@@ -44,7 +45,7 @@ def points(coll: K.Collection, selection: str = "train_val", datasets: list[str]
                                       "ood_se", "zs", "zs_se", "n"])
 
 
-def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
+def plot(coll: collect.Collection, out: str | Path, selection: str = "train_val",
          datasets: list[str] | None = None) -> list[Path]:
     """Writes <out>.png and <out>.pdf; returns their paths."""
     from matplotlib.figure import Figure
@@ -52,7 +53,7 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
 
     pts = points(coll, selection, datasets)
     if not len(pts):
-        raise K.BenchError(f"{coll.root}: no finished run has both ID and OOD results under --selection "
+        raise BenchError(f"{coll.root}: no finished run has both ID and OOD results under --selection "
                            f"{selection}; see `bench table --selection {selection}` for why")
     dss = list(dict.fromkeys(pts["dataset"]))
     # a panel per (dataset, y): OOD always, zero-shot on unseen classes where the dataset has them
@@ -61,9 +62,10 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
     nrow = math.ceil(len(panels) / ncol)
     fig = Figure(figsize=(5.2 * ncol + 0.6, 4.4 * nrow + 0.9), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
-    ranks = K.baselines(coll)
-    ref = K.reference_method(ranks)  # the zero-shot model (baseline 0): drawn as the reference star
-    methods = [m for m in dict.fromkeys(sorted(pts["method"], key=lambda m: K.method_order(m, ranks))) if m != ref]
+    ranks = collect.baselines(coll)
+    ref = collect.reference_method(ranks)  # the zero-shot model (baseline 0): drawn as the reference star
+    by_rank = sorted(pts["method"], key=lambda m: collect.method_order(m, ranks))
+    methods = [m for m in dict.fromkeys(by_rank) if m != ref]
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     handles: dict[str, object] = {}
@@ -113,12 +115,12 @@ def plot(coll: K.Collection, out: str | Path, selection: str = "train_val",
     shown = [handles[k] for k in order if k in handles]
     fig.legend(handles=shown, loc="outside lower center", ncol=min(len(shown), 2 if ncol == 1 else 4), fontsize=9,
                frameon=False)
-    rule = K.SELECTIONS[selection].split(" (")[0]
+    rule = collect.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Selection: {rule}; mean ± standard error over trial seeds", fontsize=10.5)
     return save_figure(fig, out)
 
 
-def reliability_bins(coll: K.Collection, selection: str = "train_val", datasets: list[str] | None = None
+def reliability_bins(coll: collect.Collection, selection: str = "train_val", datasets: list[str] | None = None
                      ) -> pd.DataFrame:
     """Per (dataset, row label, side: ID or OOD): the rel_bins slots (bench.calibration: count, correct, confidence
     sum per confidence bin) at the selected checkpoint, summed over trial seeds, held-out sets and domains (ID: the
@@ -126,14 +128,14 @@ def reliability_bins(coll: K.Collection, selection: str = "train_val", datasets:
     results files (the collector's rows leave the bins out)."""
     from bench.calibration import decode_bins
 
-    u = K.units(coll)
-    chosen = K.select(coll, selection, u)
+    u = collect.units(coll)
+    chosen = collect.select(coll, selection, u)
     chosen = chosen[(chosen["variant"] == "") & (chosen["dataset"].isin(datasets) if datasets else True)]
     paths = coll.jobs.set_index("job")["path"]
     sums: dict[tuple[str, str, str], list[list[float]]] = {}
     for r in chosen.itertuples(index=False):
         held = set(r.test_set.split("+"))
-        for row in K.read_results(Path(paths[r.job]) / K.RESULTS):
+        for row in collect.read_results(Path(paths[r.job]) / collect.RESULTS):
             if (row.get("metric") != "rel_bins" or row.get("step") != r.step or row.get("variant", "")
                     or row.get("role") not in ("id_val", "ood") or (row["role"] == "ood" and row.get("domain") not in held)):
                 continue
@@ -152,7 +154,7 @@ def reliability_bins(coll: K.Collection, selection: str = "train_val", datasets:
     return pd.DataFrame(out, columns=["dataset", "label", "side", "bin", "n", "acc", "conf", "share", "ece"])
 
 
-def reliability(coll: K.Collection, out: str | Path, selection: str = "train_val",
+def reliability(coll: collect.Collection, out: str | Path, selection: str = "train_val",
                 datasets: list[str] | None = None) -> list[Path]:
     """Reliability diagrams (accuracy vs mean confidence per confidence bin), a panel per (dataset, ID / OOD), a
     curve per method at its selected checkpoint; writes <out>.png and <out>.pdf and returns their paths."""
@@ -160,18 +162,19 @@ def reliability(coll: K.Collection, out: str | Path, selection: str = "train_val
 
     bins = reliability_bins(coll, selection, datasets)
     if not len(bins):
-        raise K.BenchError(f"{coll.root}: no selected run has rel_bins rows (calibration bins, logged since issue 11) "
-                           f"under --selection {selection}; rerun the jobs, or see `bench table --metric ece_ood`")
+        raise BenchError(f"{coll.root}: no selected run has rel_bins rows (calibration bins, logged since "
+                                 f"issue 11) under --selection {selection}; rerun the jobs, or see "
+                                 f"`bench table --metric ece_ood`")
     panels = list(dict.fromkeys(zip(bins["dataset"], bins["side"])))
     panels.sort(key=lambda p: (p[0], p[1] != "ID"))
     ncol = 2 if len(panels) > 1 else 1
     nrow = math.ceil(len(panels) / ncol)
     fig = Figure(figsize=(5.4 * ncol + 0.6, 5.0 * nrow + 1.0), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
-    ranks = K.baselines(coll)  # the labels are methods (no post-hoc variants)
-    labels = sorted(dict.fromkeys(bins["label"]), key=lambda m: K.method_order(m, ranks))
+    ranks = collect.baselines(coll)  # the labels are methods (no post-hoc variants)
+    labels = sorted(dict.fromkeys(bins["label"]), key=lambda m: collect.method_order(m, ranks))
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-    ref = K.reference_method(ranks)
+    ref = collect.reference_method(ranks)
     color = {m: "black" if m == ref else palette[i % len(palette)] for i, m in enumerate(labels)}
     for ax, (ds, side) in zip(axes, panels):
         ax.plot([0, 100], [0, 100], ls="--", color="grey", lw=1, zorder=1, label="perfect calibration")
@@ -195,7 +198,7 @@ def reliability(coll: K.Collection, out: str | Path, selection: str = "train_val
         ax.legend(fontsize=8, loc="upper left", frameon=False)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    rule = K.SELECTIONS[selection].split(" (")[0]
+    rule = collect.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Reliability: 15 confidence bins, pooled over trial seeds and domains; marker area ~ share of "
                  f"samples; the diagonal is perfect calibration.\nSelection: {rule}", fontsize=10)
     return save_figure(fig, out)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import config as C
+from bench import config
 from bench.accumulate import check_accumulation
 from bench.data import DatasetCard, Task, build_task, ensure_generated, load_card, split_classes, suite_evalsets
 from bench.errors import BenchError
@@ -43,18 +43,18 @@ def autocast_for(precision: str, device: torch.device):
 class Prepared:
     """A run's config with everything resolved, before anything expensive happens."""
 
-    cfg: C.RunConfig
+    cfg: config.RunConfig
     hparams: object
     job_id: str
     seed: int
     source: str
 
 
-def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None = None) -> Prepared:
+def prepare(cfg: config.RunConfig, source: str = "config", card: DatasetCard | None = None) -> Prepared:
     """Validate a config in full (plugins, method, hparams, dataset card, domains) and compute its id.
 
     card: the already-loaded card of cfg.data.dataset (a sweep prepares thousands of jobs per card)."""
-    C.validate_run_config(cfg, source)  # a few comparisons (the model name is looked up once per name)
+    config.validate_run_config(cfg, source)  # a few comparisons (the model name is looked up once per name)
     load_builtin_methods()
     for plugin in cfg.plugins:
         load_plugin(plugin)
@@ -77,13 +77,13 @@ def prepare(cfg: C.RunConfig, source: str = "config", card: DatasetCard | None =
         raise BenchError(f"{source}: data.test_domains: {bad[0]!r} is not a domain of {card.name}; "
                          f"its domains are {', '.join(card.domains)}")
     _check_batch(cfg, card, source)
-    ident = C.identity(cfg)
+    ident = config.identity(cfg)
     ident["hparams"] = hparams_dict(hparams)
-    seed = C.seed_hash("train", ident)
-    return Prepared(cfg, hparams, C.stable_hash(ident), seed, source)
+    seed = config.seed_hash("train", ident)
+    return Prepared(cfg, hparams, config.stable_hash(ident), seed, source)
 
 
-def _check_batch(cfg: C.RunConfig, card: DatasetCard, source: str) -> None:
+def _check_batch(cfg: config.RunConfig, card: DatasetCard, source: str) -> None:
     """Each step draws batch_size // n images from each of the n training domains (StepSampler): a batch smaller
     than n would leave some domain out of every step, so it is refused (as is holding out every domain)."""
     n = 1 if card.protocol == "shift" else len(set(card.domains) - set(cfg.data.test_domains))
@@ -97,18 +97,18 @@ def _check_batch(cfg: C.RunConfig, card: DatasetCard, source: str) -> None:
 @functools.lru_cache(maxsize=64)
 def _suite_names(value: tuple[str, ...], source: str) -> tuple[str, ...]:
     """data.zeroshot_suite resolved to zero-shot card names, each card loaded once (a sweep has thousands of jobs)."""
-    from bench import zeroshot_suite as Z
+    from bench import zeroshot_suite
 
-    names = Z.resolve_suite(list(value), f"{source}: data.zeroshot_suite")
+    names = zeroshot_suite.resolve_suite(list(value), f"{source}: data.zeroshot_suite")
     for name in names:
         try:
-            Z.load_zeroshot_card(name)
+            zeroshot_suite.load_zeroshot_card(name)
         except BenchError as err:
             raise BenchError(f"{source}: data.zeroshot_suite: {err}") from None
     return names
 
 
-def build_run_task(cfg: C.RunConfig, source: str = "config", progress: bool = False) -> Task:
+def build_run_task(cfg: config.RunConfig, source: str = "config", progress: bool = False) -> Task:
     """The run's Task: its card (with data.classes applied), splits, and the zero-shot suite's eval sets."""
     card = split_classes(load_card(cfg.data.dataset), cfg.data.classes, source)
     ensure_generated(card, cfg.data.root, progress)

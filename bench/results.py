@@ -107,11 +107,11 @@ def config_record(job_id: str, cfg, hparams: dict, seed: int, versions: dict, *,
     version, `versions()`, the pretrained weights' sha256, the method's `baseline` (bench.method.baseline_of: the
     collector orders table rows by it without importing methods) and `extra` (a sweep's name and draw). Not part of
     the job id."""
-    from bench import config as C
+    from bench import config
     from bench.models import pretrained_sha256  # cached per file version: hashed once per sweep, not per job
 
-    return {"job_id": job_id, "config": C.to_dict(cfg), "hparams": hparams, "seed": seed,
-            "protocol_version": C.PROTOCOL_VERSION, "baseline": baseline, **versions, **extra,
+    return {"job_id": job_id, "config": config.to_dict(cfg), "hparams": hparams, "seed": seed,
+            "protocol_version": config.PROTOCOL_VERSION, "baseline": baseline, **versions, **extra,
             "pretrained_sha256": pretrained_sha256(cfg.model.name, cfg.model.pretrained)}
 
 

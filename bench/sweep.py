@@ -37,8 +37,8 @@ import numpy as np
 
 import yaml
 
-from bench import config as C
-from bench import results as R
+from bench import config
+from bench import results
 from bench.launch import LauncherConfig, check_launcher
 from bench.data import domain_folder, load_card
 from bench.errors import BenchError
@@ -86,7 +86,7 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class Job:
-    cfg: C.RunConfig
+    cfg: config.RunConfig
     job_id: str
     run_dir: Path
     draw: int
@@ -105,7 +105,7 @@ class Job:
         """What <run>/config.json holds (the trainer's record, plus the sweep and draw it came from)."""
         meta = dict(self.meta)
         name = meta.pop("sweep_name", None)
-        return R.config_record(self.job_id, self.cfg, self.hparams, self.seed, meta, baseline=self.baseline,
+        return results.config_record(self.job_id, self.cfg, self.hparams, self.seed, meta, baseline=self.baseline,
                                sweep={"name": name, "draw": self.draw})
 
 
@@ -117,12 +117,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     `datasets=[pacs]`, `search.n_draws=1`), applied before it is checked, as if written in the file."""
     source = str(path)
     data = _read_extended(Path(path))
-    for text in overrides:  # only the named key changes (unlike C.merge, which replaces hparams whole)
+    for text in overrides:  # only the named key changes (unlike config.merge, which replaces hparams whole)
         if "=" not in text:
             raise BenchError(f"{source}: --set: expected KEY=VALUE (e.g. base.data.root=/data), got {text!r}")
         key, raw = text.split("=", 1)
         data = _set_dotted(data if isinstance(data, dict) else {}, key.strip(), yaml.safe_load(raw))
-    sweep = C.from_dict(SweepConfig, data, source)
+    sweep = config.from_dict(SweepConfig, data, source)
     check_launcher(sweep.launcher, source)
     if sweep.search.n_draws < 1:
         raise BenchError(f"{source}: search.n_draws must be at least 1, got {sweep.search.n_draws}")
@@ -143,7 +143,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if len(set(values)) != len(values):
             raise BenchError(f"{source}: {key} lists {_first_duplicate(values)!r} twice; list each once")
     _check_space(sweep.search.space, "search.space", source)
-    C.from_dict(C.RunConfig, sweep.base, source, prefix="base.")
+    config.from_dict(config.RunConfig, sweep.base, source, prefix="base.")
     _check_not_grid(sweep.base, "base", source)
     for kind in ("methods", "datasets"):
         listed = getattr(sweep, kind)
@@ -154,7 +154,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                                  f"add it there or remove the override")
             if not isinstance(value, Mapping):
                 raise BenchError(f"{source}: {where} must be a mapping of run-config keys, got {value!r}")
-            C.from_dict(C.RunConfig, {k: v for k, v in value.items() if k != "search"}, source, prefix=f"{where}.")
+            config.from_dict(config.RunConfig, {k: v for k, v in value.items() if k != "search"}, source,
+                             prefix=f"{where}.")
             _check_not_grid(value, where, source)
             extra = value.get("search")
             if extra is not None:
@@ -168,7 +169,7 @@ def _read_extended(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     """A sweep file's keys; with `extends: OTHER.yaml` (relative to the file), the other file's keys with this
     file's merged over them (mappings merge key by key, lists and values replace), e.g. a variant of a shipped
     sweep that changes one key: `extends: domainbed.yaml`, `base: {data: {classes: base_to_novel}}`."""
-    data = C.read_yaml(path)
+    data = config.read_yaml(path)
     if not isinstance(data, dict) or "extends" not in data:
         return data
     parent = data.pop("extends")
@@ -182,7 +183,7 @@ def _read_extended(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     base = _read_extended(parent_path, (*seen, path.resolve()))
     if not isinstance(base, dict):
         raise BenchError(f"{parent_path}: a sweep file must be a mapping of keys (it is extended by {path})")
-    return C.merge(base, data, replace=())  # hparams merge too: a variant changes one, not all
+    return config.merge(base, data, replace=())  # hparams merge too: a variant changes one, not all
 
 
 GRID_KEYS = {"method": "methods", "trial_seed": "trial_seeds", "plugins": "plugins", "data.dataset": "datasets",
@@ -239,7 +240,7 @@ def _check_spec(spec: Any, where: str, source: str) -> None:
 
 def _check_key(parts: list[str], where: str, source: str) -> None:
     """A dotted key must name a field of RunConfig (hparams.* excepted)."""
-    cls: Any = C.RunConfig
+    cls: Any = config.RunConfig
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
         if fields is None or part not in fields:
@@ -261,7 +262,7 @@ def _field_type(cls, name):
 def draw_value(spec: Any, draw: int, key: str) -> Any:
     """Draw `draw` of hyperparameter `key`: a function of (draw, key) alone. Floats keep 4 significant digits."""
     kind, *args = spec
-    rng = np.random.default_rng(C.seed_hash("search", draw, key))
+    rng = np.random.default_rng(config.seed_hash("search", draw, key))
     if kind == "choice":
         value = args[0][int(rng.integers(len(args[0])))]
         return value
@@ -356,7 +357,7 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
         if m not in METHODS:
             raise BenchError(f"{source}: methods: {METHODS.unknown_message(m)}")
     output = Path(sweep.output).resolve()
-    meta = {**R.versions(), "sweep_name": sweep.name}
+    meta = {**results.versions(), "sweep_name": sweep.name}
     jobs: dict[str, Job] = {}
     cards = {}
     for dataset in sweep.datasets:
@@ -386,17 +387,17 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
             for draw in draws:
                 values = {} if (draw == 0 and (sweep.search.draw_0 == "defaults" or not trains)) else {
                     k: draw_value(spec, draw, k) for k, spec in sorted(space.items())}
-                d = C.merge(dict(sweep.base), {"method": method, "trial_seed": sweep.trial_seeds[0],
+                d = config.merge(dict(sweep.base), {"method": method, "trial_seed": sweep.trial_seeds[0],
                                                "data": {"dataset": dataset, "test_domains": list(domain_sets[0])}})
-                d = C.merge(d, ds_over)
-                d = C.merge(d, m_over)
+                d = config.merge(d, ds_over)
+                d = config.merge(d, m_over)
                 for key, value in values.items():
                     d = _set_dotted(d, key, value)
                 d["plugins"] = plugins
                 d = _set_dotted(d, "data.root", str(Path((d.get("data") or {}).get("root", "data")).resolve()))
                 # Validated once per draw; held-out domains and trial seeds (checked above) only replace fields.
                 try:
-                    cfg0 = C.from_dict(C.RunConfig, d, source)
+                    cfg0 = config.from_dict(config.RunConfig, d, source)
                 except BenchError as err:
                     raise _drawn(err, values, draw, method) from None
                 if (dataset, cfg0.data.root) not in checked_roots and check_data:
@@ -428,7 +429,7 @@ def check_resources(jobs: list[Job], source: str = "sweep", first_only: bool = F
 
     out, seen = [], set()
     for job in jobs:
-        ident = (job.cfg.method, C.stable_hash(job.hparams), job.cfg.data.root)
+        ident = (job.cfg.method, config.stable_hash(job.hparams), job.cfg.data.root)
         if ident in seen:
             continue
         seen.add(ident)

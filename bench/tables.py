@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bench import collect as K
+from bench import collect
+from bench.errors import BenchError
 
 FORMATS = ("markdown", "latex", "csv", "json")
 MAX_LISTED = 6  # jobs or groups named in one note before "and N more"
@@ -77,7 +78,8 @@ def _listing(items: list[str]) -> str:
 
 
 def _row_key(label: str, ranks: dict[str, int]):
-    """Baselines first (K.method_order; ranks: K.baselines), then methods by name; a method's variants after it."""
+    """Baselines first (collect.method_order; ranks: collect.baselines), then methods by name; a method's variants
+    after it."""
     method, _, variant = label.partition("+")
     parts = []
     for p in re.split(r"[:=]", variant):
@@ -85,13 +87,13 @@ def _row_key(label: str, ranks: dict[str, int]):
             parts.append((0, float(p), ""))
         except ValueError:
             parts.append((1, 0.0, p))
-    return K.method_order(method, ranks), bool(variant), parts
+    return collect.method_order(method, ranks), bool(variant), parts
 
 
 class _Explainer:
     """Why a (row, dataset) cell is missing trial seeds, and which of its jobs are not done."""
 
-    def __init__(self, coll: K.Collection, u: K.Units, chosen: pd.DataFrame, rule: str):
+    def __init__(self, coll: collect.Collection, u: collect.Units, chosen: pd.DataFrame, rule: str):
         self.coll, self.u, self.rule = coll, u, rule
         self.jobs_at: dict[tuple, list[tuple[str, str]]] = {}
         for m, ds, t, s, j, st in coll.jobs[["method", "dataset", "test_set", "trial_seed", "job_id",
@@ -156,8 +158,8 @@ class _Explainer:
         if self.rule == "oracle":
             return "no ood_val rows at the last step", f"{where}: {ids}", named
         missing, no_variant = [], []
-        for v in K.train_domains(self.coll, ds, test_set):
-            t = K.set_key(test_set.split("+") + [v])
+        for v in collect.train_domains(self.coll, ds, test_set):
+            t = collect.set_key(test_set.split("+") + [v])
             aux = self.jobs_at.get((method, ds, t, seed), [])
             named |= {j for j, _ in aux}
             if not any(st == "done" for _, st in aux):
@@ -209,12 +211,12 @@ class _Explainer:
         return f"{method} on {ds}: " + "; ".join(parts) + "."
 
 
-def _empty_reason(coll: K.Collection, metric: str, ds: str, values: pd.DataFrame, expl: _Explainer) -> str | None:
+def _empty_reason(coll: collect.Collection, metric: str, ds: str, values: pd.DataFrame, expl: _Explainer) -> str | None:
     """Why a metric has no value on a dataset for any row, when the cause is the dataset or the rule."""
-    if metric.startswith("ood:") and not K._metric_domains(coll, metric, ds):
+    if metric.startswith("ood:") and not collect._metric_domains(coll, metric, ds):
         return f"{ds} has no held-out domain {metric[4:]}."
     base = metric[:-3] if metric.endswith("_id") else metric[:-4] if metric.endswith("_ood") else ""
-    if base in K.EXTRA_METRICS:
+    if base in collect.EXTRA_METRICS:
         mine = values.loc[values["dataset"] == ds, "key"].astype(str)
         if not (mine.str.startswith(metric + ":") | (mine == metric)).any():
             if base == "macro_f1":
@@ -222,7 +224,7 @@ def _empty_reason(coll: K.Collection, metric: str, ds: str, values: pd.DataFrame
                         f"it: metrics: [macro_f1]).")
             return (f"{ds}: no {base} rows in the selected runs (evaluated before the harness logged calibration "
                     f"metrics; a rerun of those jobs logs them).")
-    if metric in K.SUITE_AVERAGES and not K._metric_domains(coll, metric, ds):
+    if metric in collect.SUITE_AVERAGES and not collect._metric_domains(coll, metric, ds):
         return f"{metric} is defined for ImageNet-style shift suites only; {ds} is not one."
     if metric == "id_test":
         v = values[(values["dataset"] == ds) & (values["key"] == "id_test")]["value"]
@@ -241,9 +243,9 @@ def _empty_reason(coll: K.Collection, metric: str, ds: str, values: pd.DataFrame
         if len(v) and v.isna().all():
             what = "zero-shot suite rows" if metric == "xd_avg" else f"rows for suite dataset {metric[3:]}"
             return f"{ds} runs have no {what} (set data.zeroshot_suite, e.g. coop10; docs/ZEROSHOT_SUITE.md)."
-    if metric in K.SUITE_AVERAGES:
+    if metric in collect.SUITE_AVERAGES:
         have = {k[4:] for k in values.loc[values["dataset"] == ds, "key"] if k.startswith("ood:")}
-        lacking = [d for d in K._metric_domains(coll, metric, ds) if d not in have]
+        lacking = [d for d in collect._metric_domains(coll, metric, ds) if d not in have]
         if lacking:
             return f"{metric} on {ds} needs results on {', '.join(lacking)}."
     return None
@@ -255,29 +257,29 @@ def _describe(metric: str) -> str:
     return f"OOD accuracy on {metric[4:]}"
 
 
-def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_val", cost: bool = False,
+def build(coll: collect.Collection, metric: str = "ood_avg", selection: str = "train_val", cost: bool = False,
           datasets: list[str] | None = None, rows: list[str] | None = None) -> Report:
-    metrics = K.check_metric(metric)
-    K.check_selection(selection)
-    u = K.units(coll)
-    chosen = K.select(coll, selection, u)
-    values = K.chosen_values(coll, chosen, u)
+    metrics = collect.check_metric(metric)
+    collect.check_selection(selection)
+    u = collect.units(coll)
+    chosen = collect.select(coll, selection, u)
+    values = collect.chosen_values(coll, chosen, u)
     expl = _Explainer(coll, u, chosen, selection)
     notes = _Notes()
     all_ds = [d for d in coll.datasets if not datasets or d in datasets]
     labels = (set(u.table.loc[u.table["dataset"].isin(all_ds), "label"])
               | set(coll.jobs.loc[coll.jobs["dataset"].isin(all_ds), "method"]))
     labels = sorted((lab for lab in labels if not rows or any(fnmatch.fnmatchcase(lab, p) for p in rows)),
-                    key=functools.partial(_row_key, ranks=K.baselines(coll)))
-    costs = K.job_costs(coll) if cost else None
+                    key=functools.partial(_row_key, ranks=collect.baselines(coll)))
+    costs = collect.job_costs(coll) if cost else None
 
     def fill(section: Section, col: str, ds: str, m: str) -> None:
-        ps, gaps = K.per_seed(coll, values, m, ds)
-        needed = sorted(set(K.required(coll, m, ds)["test_set"]))
+        ps, gaps = collect.per_seed(coll, values, m, ds)
+        needed = sorted(set(collect.required(coll, m, ds)["test_set"]))
         empty = _empty_reason(coll, m, ds, values, expl)
         for lab in section.rows:
-            mean, se, n = K.mean_se(ps.loc[ps["label"] == lab, "value"])
-            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n, nats=m in K.NATS)
+            mean, se, n = collect.mean_se(ps.loc[ps["label"] == lab, "value"])
+            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n, nats=m in collect.NATS)
             if n == 0 and empty:
                 cell.notes.append(notes.add(empty))
             else:
@@ -371,7 +373,8 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
         for ds in all_ds:
             for m in metrics:
                 key = f"{m}@{ds}"
-                head = K.METRIC_HEADERS.get(m) or (f"zero-shot {m[3:]}" if m.startswith("xd:") else f"OOD {m[4:]}")
+                head = (collect.METRIC_HEADERS.get(m)
+                        or (f"zero-shot {m[3:]}" if m.startswith("xd:") else f"OOD {m[4:]}"))
                 sec.columns.append(key)
                 sec.headers[key] = head if len(all_ds) == 1 else f"{ds} {head}"
                 fill(sec, key, ds, m)
@@ -390,11 +393,11 @@ def build(coll: K.Collection, metric: str = "ood_avg", selection: str = "train_v
             add_costs(sec, all_ds)
         sections.append(sec)
 
-    described = "; ".join(f"{m}, {K.METRICS.get(m) or _describe(m)}" for m in metrics)
-    unit = "%" if not any(m in K.NATS for m in metrics) else "%; NLL in nats"
+    described = "; ".join(f"{m}, {collect.METRICS.get(m) or _describe(m)}" for m in metrics)
+    unit = "%" if not any(m in collect.NATS for m in metrics) else "%; NLL in nats"
     header = [f"Metric{'s' if len(metrics) > 1 else ''}: {described} ({unit}); "
               f"cells: mean ± standard error over trial seeds (std/sqrt(n), as DomainBed).",
-              f"Selection: {selection}, {K.SELECTIONS[selection]}."]
+              f"Selection: {selection}, {collect.SELECTIONS[selection]}."]
     jobs = coll.jobs
     footer = [f"{int((jobs['state'] == 'done').sum())} of {len(jobs)} jobs done under {coll.root}."]
     if any(s.headers.get("Avg") for s in sections):
@@ -536,5 +539,5 @@ def render(report: Report, fmt: str = "markdown") -> str:
         return to_csv(report)
     if fmt == "json":
         return to_json(report)
-    raise K.BenchError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    raise BenchError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 

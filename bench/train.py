@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from bench import config as C
-from bench import distributed as D
-from bench import results as R
-from bench import trackers as T
+from bench import config
+from bench import distributed
+from bench import results
+from bench import trackers as tracking
 from bench.accumulate import accumulate
 from bench.data import ImageItems, StepSampler, iterate
 from bench.errors import BenchError
@@ -71,14 +71,14 @@ def build_optimizer(method, named_params, lr: float, weight_decay: float) -> tor
 
 
 def train_step(method, batch: dict, optimizer, scheduler, params: list, grad_clip: float, autocast,
-               accum_steps: int = 1, dist: D.Dist | None = None) -> tuple[float, dict]:
+               accum_steps: int = 1, dist: distributed.Dist | None = None) -> tuple[float, dict]:
     """One optimisation step: the method's loss, backward, clipping, AdamW, schedule. -> (loss, logs).
 
     accum_steps > 1: the same gradient from that many micro-batches (bench/accumulate.py); dist: this rank's
     share of a distributed step, its gradient summed over ranks (bench/distributed.py)."""
     optimizer.zero_grad(set_to_none=True)
     if dist is not None and dist.active:
-        loss, logs = D.step(method, batch, accum_steps, autocast, dist)
+        loss, logs = distributed.step(method, batch, accum_steps, autocast, dist)
     elif accum_steps > 1:
         loss, logs = accumulate(method, batch, accum_steps, autocast)
     else:
@@ -101,31 +101,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: str = "config",
+def run(cfg: config.RunConfig, run_dir: str | Path, progress: bool = True, source: str = "config",
         stop_after: int | None = None, prep: Prepared | None = None) -> Path:
     """Train and evaluate one run in `run_dir`; resumes if a checkpoint is there, returns at once if done.
 
     stop_after: leave after this many steps (tests use it to simulate a crash); prep: `prepare(cfg, source)` when
     the caller has it already."""
     prep = prep if prep is not None and prep.cfg is cfg else prepare(cfg, source)
-    T.require(cfg.trackers, source)  # a tracker's package missing: fail before anything expensive
+    tracking.require(cfg.trackers, source)  # a tracker's package missing: fail before anything expensive
     run_dir = Path(run_dir)
-    R.check_owner(run_dir, prep.job_id, "choose another output folder", record_must_name_it=True)
-    if (run_dir / R.DONE).is_file():
+    results.check_owner(run_dir, prep.job_id, "choose another output folder", record_must_name_it=True)
+    if (run_dir / results.DONE).is_file():
         log.info("%s is done already", run_dir)
         return run_dir
     tc = cfg.train
-    D.check(METHODS.get(cfg.method), tc.batch_size, tc.accum_steps, D.env_world()[1], source)
-    dist, device = D.setup(resolve_device(tc.device), tc.device, source)  # torchrun / Slurm tasks: rank of world
+    distributed.check(METHODS.get(cfg.method), tc.batch_size, tc.accum_steps, distributed.env_world()[1], source)
+    # torchrun / Slurm tasks: this process's rank of the world
+    dist, device = distributed.setup(resolve_device(tc.device), tc.device, source)
     autocast = autocast_for(tc.precision, device)
     if not dist.main:  # rank 0 draws generated data (the embedded benchmark) first, alone
         dist.barrier()
     task = build_run_task(cfg, source, progress and dist.main)
     if dist.main:  # only rank 0 writes the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / R.CONFIG).is_file():  # a sweep wrote it before launch, or this run did before a restart
-            R.write_record(run_dir, R.config_record(prep.job_id, cfg, hparams_dict(prep.hparams), prep.seed,
-                                                    R.versions(), baseline=baseline_of(METHODS.get(cfg.method))))
+        if not (run_dir / results.CONFIG).is_file():  # a sweep wrote it before launch, or this run did before a restart
+            results.write_record(run_dir, results.config_record(prep.job_id, cfg, hparams_dict(prep.hparams), prep.seed,
+                                                    results.versions(), baseline=baseline_of(METHODS.get(cfg.method))))
         dist.barrier()
 
     torch.manual_seed(prep.seed)
@@ -141,7 +142,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
                  if steps else None)
 
     start = 0
-    ckpt_path = run_dir / R.CHECKPOINT
+    ckpt_path = run_dir / results.CHECKPOINT
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)  # tensors and plain values only
         method.load_checkpoint_state(ckpt["method"])
@@ -151,12 +152,12 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
             scheduler.load_state_dict(ckpt["scheduler"])
         start = ckpt["step"]
         log.info("%s: resuming from step %d", run_dir, start)
-    D.broadcast_parameters(method, dist)
+    distributed.broadcast_parameters(method, dist)
     resume_step = start if ckpt_path.is_file() else None
-    trackers = T.open_trackers(cfg.trackers if dist.main else C.TrackersConfig(), run_dir, prep.job_id,
-                               {"config": C.to_dict(cfg), "hparams": hparams_dict(prep.hparams),
+    trackers = tracking.open_trackers(cfg.trackers if dist.main else config.TrackersConfig(), run_dir, prep.job_id,
+                               {"config": config.to_dict(cfg), "hparams": hparams_dict(prep.hparams),
                                 "job_id": prep.job_id}, resume_step, source)
-    writer = (R.ResultsWriter(run_dir / R.RESULTS, resume_step=resume_step, on_write=trackers.log)
+    writer = (results.ResultsWriter(run_dir / results.RESULTS, resume_step=resume_step, on_write=trackers.log)
               if dist.main else None)
 
     pin = device.type == "cuda"  # page-locked batches: asynchronous host-to-device copies (non_blocking below)
@@ -165,7 +166,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     sampler = StepSampler([len(task.train[d]) for d in task.train_domains], tc.batch_size, prep.seed, start, steps)
     loader = torch.utils.data.DataLoader(
         ImageItems(train_items, clip.preprocess_train if tc.augment else clip.preprocess_val),
-        batch_sampler=D.RankSlice(sampler, dist) if dist.active else sampler, num_workers=tc.num_workers,
+        batch_sampler=distributed.RankSlice(sampler, dist) if dist.active else sampler, num_workers=tc.num_workers,
         pin_memory=pin,
         prefetch_factor=tc.prefetch_factor if tc.num_workers else None)
     domain_of = torch.tensor([i for i, d in enumerate(task.train_domains) for _ in task.train[d]])
@@ -180,7 +181,7 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         t0 = time.perf_counter()
         rows = evaluate(method, eval_data, step, device, autocast, suite=suite)
         # seconds: the cost table's evaluation share
-        rows.append(R.row(step, "train", "eval_time", time.perf_counter() - t0, 1))
+        rows.append(results.row(step, "train", "eval_time", time.perf_counter() - t0, 1))
         rows += extra
         writer.write(rows)
         accs = {r["role"]: r["value"] for r in rows if r["metric"] == "acc"}
@@ -194,13 +195,13 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
     method.train()
     losses, t_last, n_last = [], time.perf_counter(), 0
     for step, (x, y, idx) in enumerate(iterate(loader), start=start):
-        torch.manual_seed(C.seed_hash(prep.seed, step))  # every random draw of this step depends on (seed, step)
+        torch.manual_seed(config.seed_hash(prep.seed, step))  # every random draw of this step depends on (seed, step)
         batch = {"images": x.to(device, non_blocking=True), "labels": y.to(device, non_blocking=True), "index": idx,
                  "domains": domain_of[idx].to(device, non_blocking=True), "step": step,
                  "total_steps": steps, "deterministic_images": not tc.augment}
         if dist.active:  # this rank's slice, with the draws of the whole batch (bench/distributed.py)
             index = torch.tensor([i for i, _ in sampler.keys(step)])
-            batch = D.rank_batch(method, batch, index, labels_of, domain_of, dist, autocast)
+            batch = distributed.rank_batch(method, batch, index, labels_of, domain_of, dist, autocast)
         loss, logs = train_step(method, batch, optimizer, scheduler, [p for _, p in named], tc.grad_clip, autocast,
                                 tc.accum_steps, dist)
         if not math.isfinite(loss):
@@ -212,15 +213,15 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         bar.set_postfix(loss=f"{loss:.3f}")
         if done_steps % tc.eval_every == 0 or done_steps == steps:
             elapsed = time.perf_counter() - t_last
-            extra = [R.row(done_steps, "train", m, v, n_last) for m, v in [("loss", sum(losses) / len(losses)),
+            extra = [results.row(done_steps, "train", m, v, n_last) for m, v in [("loss", sum(losses) / len(losses)),
                                                                            ("step_time", elapsed / n_last),
                                                                            ("peak_mem_mb", peak_memory_mb(device))]]
-            extra += [R.row(done_steps, "train", k, float(v), 1) for k, v in logs.items()]
+            extra += [results.row(done_steps, "train", k, float(v), 1) for k, v in logs.items()]
             log_eval(done_steps, extra)
             losses, n_last = [], 0
             t_last = time.perf_counter()
         if dist.main and (done_steps % tc.checkpoint_every == 0 or done_steps == steps):
-            R.atomic_torch_save({"step": done_steps, "method": method.checkpoint_state(),
+            results.atomic_torch_save({"step": done_steps, "method": method.checkpoint_state(),
                                  "method_extra": method.extra_state(), "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict()}, ckpt_path)
         if stop_after is not None and done_steps >= stop_after:
@@ -235,13 +236,13 @@ def run(cfg: C.RunConfig, run_dir: str | Path, progress: bool = True, source: st
         writer.write(wise_rows(method, theta0, method.checkpoint_state(), cfg.wise_alphas, eval_data, steps, device,
                                autocast))
     if tc.save_final and method.trains and dist.main:
-        R.atomic_torch_save({"step": steps, "method": method.checkpoint_state()}, run_dir / R.FINAL)
+        results.atomic_torch_save({"step": steps, "method": method.checkpoint_state()}, run_dir / results.FINAL)
     trackers.close()
     eval_data.close()
     if dist.main:
         if ckpt_path.is_file():
             ckpt_path.unlink()
-        R.atomic_write_text(run_dir / R.DONE, "")
+        results.atomic_write_text(run_dir / results.DONE, "")
     dist.barrier()
     dist.close()
     return run_dir

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from bench import results as R
+from bench import results
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate
 from bench.losses import interpolate
@@ -46,7 +46,7 @@ def posthoc(run_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, devic
     from bench.combine import apply_to_run, build_combiner
 
     run_dir = Path(run_dir)
-    if not (run_dir / R.DONE).is_file() or not (run_dir / R.FINAL).is_file():
+    if not (run_dir / results.DONE).is_file() or not (run_dir / results.FINAL).is_file():
         raise BenchError(f"{run_dir}: not a finished run with saved weights (final.pt); run it to the end first "
                          f"(with train.save_final: true)")
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]

@@ -73,27 +73,27 @@ def main() -> None:
             sys.exit(out.stderr)
         print(out.stderr.strip().splitlines()[0])
 
-        from bench import launch as L
-        from bench import sweep as S
+        from bench import launch
+        from bench import sweep as sweeps
 
         t = time.perf_counter()
-        sweep = S.load_sweep(path)
-        jobs = S.expand(sweep, str(path))
+        sweep = sweeps.load_sweep(path)
+        jobs = sweeps.expand(sweep, str(path))
         t_expand = time.perf_counter() - t
-        plan = L.make_plan(jobs)
+        plan = launch.make_plan(jobs)
         t_plan = time.perf_counter() - t
-        L.status_text(str(path), sweep, plan, "slurm")
+        launch.status_text(str(path), sweep, plan, "slurm")
         print(f"jobs: {len(jobs):,}")
         print(f"plan (bench sweep --dry-run, whole command): {dry_cli:.1f} s")
         print(f"  of which in-process: expand {t_expand:.1f} s + states {t_plan - t_expand:.1f} s")
         if args.submit:
             t = time.perf_counter()
-            report = L.launch(plan.to_launch, sweep, "slurm", task=exit_at_once)
+            report = launch.launch(plan.to_launch, sweep, "slurm", task=exit_at_once)
             t_submit = time.perf_counter() - t
             print(f"submit (job folders + pickles + sbatch, {len(report.slurm_ids)} array(s) "
                   f"{','.join(report.slurm_ids)}): {t_submit:.1f} s")
             t = time.perf_counter()
-            plan2 = L.make_plan(jobs)
+            plan2 = launch.make_plan(jobs)
             print(f"status after submit: {dict(plan2.counts)} in {time.perf_counter() - t:.1f} s")
             time.sleep(10)
             results = list((scratch / "runs" / ".submitit").rglob("*_result.pkl"))

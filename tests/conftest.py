@@ -23,16 +23,16 @@ def embedded_root(tmp_path_factory) -> Path:
 
 def tiny_config(root: Path, **over):
     """A run config small enough for a unit test: a random-init tiny CLIP (saved once), a few steps."""
-    from bench import config as C
+    from bench import config
 
     d = {"method": "erm", "model": {"name": "TinyCLIP-32", "pretrained": str(root / "tiny.pt")},
          "data": {"dataset": "embedded", "root": str(root), "test_domains": ["sketch"]},
          "train": {"steps": 6, "batch_size": 12, "lr": 1e-3, "warmup_steps": 2, "eval_every": 3,
                    "checkpoint_every": 2, "eval_batch_size": 64}}
     for key, value in over.items():
-        d = C.merge(d, C.parse_override(f"{key}={value}") if not isinstance(value, (dict, list)) else
+        d = config.merge(d, config.parse_override(f"{key}={value}") if not isinstance(value, (dict, list)) else
                     nest(key, value))
-    return C.from_dict(C.RunConfig, d, "test")
+    return config.from_dict(config.RunConfig, d, "test")
 
 
 def nest(key, value):

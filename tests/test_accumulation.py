@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from bench import accumulate as A
-from bench import results as R
+from bench import accumulate
+from bench import results
 from bench.data import build_task, load_card, load_image
 from bench.errors import BenchError
 from bench.method import METHODS, build_method, load_builtin_methods
@@ -99,7 +99,7 @@ def test_a_step_from_micro_batches_equals_the_unsplit_step(embedded_root, name):
 def test_split_batch_cuts_rows_and_shares_the_rest():
     batch = {"images": torch.arange(12).view(6, 2), "labels": torch.arange(6), "index": torch.arange(6),
              "anchor": torch.arange(2), "shared": torch.arange(5), "step": 4}
-    parts = A.split_batch(batch, 3, ("anchor",))
+    parts = accumulate.split_batch(batch, 3, ("anchor",))
     assert [p["labels"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]]
     assert [p["anchor"].tolist() for p in parts] == [[0], [1], []]
     assert all(p["shared"] is batch["shared"] and p["step"] == 4 for p in parts)
@@ -171,12 +171,12 @@ def test_a_run_with_accumulation_resumes_exactly_and_matches_the_unsplit_run(emb
     cfg = tiny_config(embedded_root, method="flyp", **{"train.accum_steps": 2})
     unbroken = run(cfg, tmp_path / "a", progress=False)
     broken = run(cfg, tmp_path / "b", progress=False, stop_after=4)
-    assert not (broken / R.DONE).is_file()
+    assert not (broken / results.DONE).is_file()
     run(cfg, broken, progress=False)
-    a, b = torch.load(unbroken / R.FINAL)["method"], torch.load(broken / R.FINAL)["method"]
+    a, b = torch.load(unbroken / results.FINAL)["method"], torch.load(broken / results.FINAL)["method"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # ... and it trains as the unsplit run does: the same training losses, to float rounding (AdamW turns the
     # rounding of near-zero gradients into weight differences of up to 2 lr a step, so weights are not compared)
     plain = run(tiny_config(embedded_root, method="flyp"), tmp_path / "c", progress=False)
-    train_loss = lambda d: [r["value"] for r in R.read_rows(d / R.RESULTS) if r["metric"] == "loss"]
+    train_loss = lambda d: [r["value"] for r in results.read_rows(d / results.RESULTS) if r["metric"] == "loss"]
     assert train_loss(unbroken) == pytest.approx(train_loss(plain), rel=1e-5)

@@ -200,7 +200,7 @@ def test_dry_run_names_the_missing_file_in_one_line_and_writes_nothing(root, tmp
                                                                        hparams, says):
     import huggingface_hub.constants
 
-    from bench import sweep as S
+    from bench import sweep as sweeps
     from bench.cli import main
     from methods.arf import ARF
 
@@ -215,7 +215,7 @@ def test_dry_run_names_the_missing_file_in_one_line_and_writes_nothing(root, tmp
     assert __import__("re").search(says, err), err
     assert not (tmp_path / "runs-s").exists()
     assert len(calls) == 1  # once for 16 jobs of the same hparams
-    assert len(S.expand(S.load_sweep(path), str(path), check_data=False)) == 16
+    assert len(sweeps.expand(sweeps.load_sweep(path), str(path), check_data=False)) == 16
     assert main(["datasets", "--root", str(root), "--check", "pacs", "--sweep", str(path)]) == 2
     out = capsys.readouterr()
     assert "missing: " in out.out and "lack files" in out.err

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench import config as C
+from bench import config
 from bench.data import build_task, load_card, split_classes
 from bench.errors import BenchError
 from bench.prepare import prepare
@@ -41,9 +41,9 @@ def test_task_has_novel_classes_in_every_domain(tmp_path):
 
 
 def test_split_is_part_of_the_identity_and_default_ids_stay():
-    base = C.from_dict(C.RunConfig, {"data": {"dataset": "pacs", "test_domains": ["sketch"]}})
-    b2n = C.from_dict(C.RunConfig, {"data": {"dataset": "pacs", "test_domains": ["sketch"], "classes": "base_to_novel"}})
-    assert "classes" not in C.identity(base)["data"] and C.identity(b2n)["data"]["classes"] == "base_to_novel"
+    base = config.from_dict(config.RunConfig, {"data": {"dataset": "pacs", "test_domains": ["sketch"]}})
+    b2n = config.from_dict(config.RunConfig, {"data": {"dataset": "pacs", "test_domains": ["sketch"], "classes": "base_to_novel"}})
+    assert "classes" not in config.identity(base)["data"] and config.identity(b2n)["data"]["classes"] == "base_to_novel"
     assert prepare(base).job_id != prepare(b2n).job_id
 
 
@@ -54,7 +54,7 @@ def test_split_is_part_of_the_identity_and_default_ids_stay():
 ])
 def test_refusals_name_the_key(dataset, classes, pattern):
     with pytest.raises(BenchError, match=pattern) as err:  # an unknown split already fails at load (from_dict)
-        prepare(C.from_dict(C.RunConfig, {"data": {"dataset": dataset, "classes": classes}}, "x.yaml"), "x.yaml")
+        prepare(config.from_dict(config.RunConfig, {"data": {"dataset": dataset, "classes": classes}}, "x.yaml"), "x.yaml")
     assert str(err.value).startswith("x.yaml: data.classes") and "\n" not in str(err.value)
 
 
@@ -66,8 +66,8 @@ def test_fewer_than_two_novel_classes_is_refused(tmp_path):
 
 
 def test_run_reports_novel_zero_shot_and_the_table_has_hm(embedded_root, tmp_path):
-    from bench import collect as K
-    from bench import tables as T
+    from bench import collect
+    from bench import tables
 
     make_domainbed_fixture(tmp_path / "data", ["pacs"], per_class=2)
     cfg = tiny_config(embedded_root, **{"data.dataset": "pacs", "data.root": str(tmp_path / "data"),
@@ -77,8 +77,8 @@ def test_run_reports_novel_zero_shot_and_the_table_has_hm(embedded_root, tmp_pat
     rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
     zs = [r for r in rows if r["role"] == "zeroshot"]
     assert {r["domain"] for r in zs} == set(load_card("pacs").domains) and {r["n"] for r in zs} == {6}
-    report = T.build(K.load(tmp_path / "runs"), "id,ood_avg,zs_avg,hm")
-    text = T.render(report, "markdown")
+    report = tables.build(collect.load(tmp_path / "runs"), "id,ood_avg,zs_avg,hm")
+    text = tables.render(report, "markdown")
     assert "HM" in text.splitlines()[0]
     sec = report.sections[0]
     cells = {c: sec.cells[("erm", c)] for c in sec.columns}
@@ -89,7 +89,7 @@ def test_run_reports_novel_zero_shot_and_the_table_has_hm(embedded_root, tmp_pat
 def test_collector_keeps_a_class_split_apart_from_the_card(embedded_root, tmp_path):
     """Runs of one dataset on other classes are another dataset for the collector: never one cell, never one
     model selection (base-to-novel runs score higher ID on half the classes)."""
-    from bench import collect as K
+    from bench import collect
 
     make_domainbed_fixture(tmp_path / "data", ["pacs"], per_class=2)
     common = {"data.dataset": "pacs", "data.root": str(tmp_path / "data"), "train.steps": 2, "train.eval_every": 2,
@@ -97,6 +97,6 @@ def test_collector_keeps_a_class_split_apart_from_the_card(embedded_root, tmp_pa
     run(tiny_config(embedded_root, **common), tmp_path / "runs" / "card", progress=False)
     run(tiny_config(embedded_root, **common, **{"data.classes": "base_to_novel"}), tmp_path / "runs" / "b2n",
         progress=False)
-    coll = K.load(tmp_path / "runs")
+    coll = collect.load(tmp_path / "runs")
     assert coll.datasets == ["pacs", "pacs:base_to_novel"]
-    assert K.dataset_label({"dataset": "pacs"}) == "pacs" == K.dataset_label({"dataset": "pacs", "classes": "card"})
+    assert collect.dataset_label({"dataset": "pacs"}) == "pacs" == collect.dataset_label({"dataset": "pacs", "classes": "card"})

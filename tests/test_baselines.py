@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import collect as K
-from bench import plot as P
-from bench import tables as T
+from bench import collect
+from bench import plot
+from bench import tables
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs"
 
@@ -38,10 +38,10 @@ def _copy(tmp_path, edit) -> Path:
 
 
 def test_records_without_the_key_fall_back_to_the_shipped_baselines():
-    coll = K.load(FIXTURE, cache=False)
+    coll = collect.load(FIXTURE, cache=False)
     assert "baseline" not in json.loads(next(FIXTURE.glob("*/config.json")).read_text())
-    assert K.baselines(coll) == K.LEGACY_BASELINES == {"zeroshot": 0, "erm": 1}
-    assert K.reference_method(K.baselines(coll)) == "zeroshot"
+    assert collect.baselines(coll) == collect.LEGACY_BASELINES == {"zeroshot": 0, "erm": 1}
+    assert collect.reference_method(collect.baselines(coll)) == "zeroshot"
 
 
 def test_the_record_says_which_rows_are_baselines(tmp_path, monkeypatch):
@@ -52,14 +52,14 @@ def test_the_record_says_which_rows_are_baselines(tmp_path, monkeypatch):
         else:  # erm, recorded as no baseline: an ordinary row
             rec["baseline"] = None
 
-    coll = K.load(_copy(tmp_path, edit), cache=False)
-    assert K.baselines(coll) == {"zz_reference": 0}
-    (sec,) = T.build(coll, "ood_avg", "train_val", datasets=["embedded"]).sections
+    coll = collect.load(_copy(tmp_path, edit), cache=False)
+    assert collect.baselines(coll) == {"zz_reference": 0}
+    (sec,) = tables.build(coll, "ood_avg", "train_val", datasets=["embedded"]).sections
     assert sec.rows == ["zz_reference", "erm", "erm+wise:0", "erm+wise:0.5", "erm+wise:1"]
 
     figs = []
-    monkeypatch.setattr(P, "save_figure", lambda fig, out: figs.append(fig) or [])
-    P.plot(coll, tmp_path / "p", "train_val", datasets=["embedded"])
+    monkeypatch.setattr(plot, "save_figure", lambda fig, out: figs.append(fig) or [])
+    plot.plot(coll, tmp_path / "p", "train_val", datasets=["embedded"])
     (legend,) = figs[0].legends
     texts = [t.get_text() for t in legend.get_texts()]
     assert texts[0] == "zz_reference (zero-shot)" and "zz_reference" not in texts[1:]
@@ -74,9 +74,9 @@ def test_a_plugin_rank_orders_rows_between_and_after_the_shipped_ones(tmp_path):
             rec["config"]["method"] = "mine"
             rec["baseline"] = 2
 
-    coll = K.load(_copy(tmp_path, edit), cache=False)
-    assert K.baselines(coll) == {"zeroshot": 0, "mine": 2}
-    (sec,) = T.build(coll, "ood_avg", "oracle", datasets=["embedded"]).sections
+    coll = collect.load(_copy(tmp_path, edit), cache=False)
+    assert collect.baselines(coll) == {"zeroshot": 0, "mine": 2}
+    (sec,) = tables.build(coll, "ood_avg", "oracle", datasets=["embedded"]).sections
     wise = ["+wise:0", "+wise:0.5", "+wise:1"]  # post-hoc variants: no baselines, they follow their method
     assert sec.rows == ["zeroshot", "mine", *("mine" + w for w in wise), "aaa", *("aaa" + w for w in wise)]
 
@@ -87,6 +87,6 @@ def test_a_malformed_baseline_leaves_the_folder_out(tmp_path, value):
         if rec["config"]["method"] == "zeroshot":
             rec["baseline"] = value
 
-    coll = K.load(_copy(tmp_path, edit), cache=False)
+    coll = collect.load(_copy(tmp_path, edit), cache=False)
     assert "zeroshot" not in set(coll.jobs["method"])
     assert any("unreadable config.json" in p for p in coll.problems)

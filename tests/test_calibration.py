@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import calibration as CAL
-from bench import collect as K
-from bench import results as R
-from bench import tables as T
+from bench import calibration as calibration_metrics
+from bench import collect
+from bench import results
+from bench import tables
 from bench.cli import main
 from bench.config import stable_hash
 from bench.errors import BenchError
@@ -34,67 +34,67 @@ Y = torch.tensor([0, 1, 0, 1])
 def test_ece_by_hand():
     # bins [13/15, 14/15): 0.9, 0.9 (1 of 2 right); [9/15, 10/15): 0.65; [10/15, 11/15): 0.7
     expect = (abs(1 - 1.8) + abs(1 - 0.65) + abs(1 - 0.7)) / 4
-    assert CAL.ece(Z, Y) == pytest.approx(expect, abs=1e-6)
-    bins = CAL.confidence_bins(*CAL.top1(Z)[:1], CAL.top1(Z)[1] == Y)
+    assert calibration_metrics.ece(Z, Y) == pytest.approx(expect, abs=1e-6)
+    bins = calibration_metrics.confidence_bins(*calibration_metrics.top1(Z)[:1], calibration_metrics.top1(Z)[1] == Y)
     assert bins[0].tolist() == [0] * 9 + [1, 1, 0, 0, 2, 0, 0] and bins[1, 13] == 1
     # confidence exactly 1.0 goes to torchmetrics' 16th slot; a confident mistake costs its full weight
     z1 = torch.tensor([[100.0, 0.0], [0.0, 100.0]])
-    conf, pred = CAL.top1(z1)
-    assert conf.tolist() == [1.0, 1.0] and CAL.confidence_bins(conf, pred == 0)[0, 15] == 2
-    assert CAL.ece(z1, torch.tensor([0, 0])) == pytest.approx(0.5)
+    conf, pred = calibration_metrics.top1(z1)
+    assert conf.tolist() == [1.0, 1.0] and calibration_metrics.confidence_bins(conf, pred == 0)[0, 15] == 2
+    assert calibration_metrics.ece(z1, torch.tensor([0, 0])) == pytest.approx(0.5)
 
 
 def test_nll_by_hand():
     expect = -(math.log(0.9) + math.log(0.1) + math.log(0.65) + math.log(0.7)) / 4
-    assert CAL.nll(Z, Y) == pytest.approx(expect, rel=1e-6)
+    assert calibration_metrics.nll(Z, Y) == pytest.approx(expect, rel=1e-6)
 
 
 def test_temperature_by_hand():
     # every sample has logits (2, 0), 3 of 4 labelled 0: the NLL is least where sigmoid(2 / T) = 3/4
     z, y = torch.tensor([[2.0, 0.0]] * 4), torch.tensor([0, 0, 0, 1])
-    t = CAL.fit_temperature(z, y)
+    t = calibration_metrics.fit_temperature(z, y)
     assert t == pytest.approx(2 / math.log(3), rel=1e-9)
-    assert CAL.ece(z, y) == pytest.approx(1 / (1 + math.exp(-2)) - 0.75, abs=1e-6)  # 0.881 confident, 75 % right
-    assert CAL.ece(z / t, y) == pytest.approx(0.0, abs=1e-6)  # after scaling: 0.75 confident, 75 % right
+    assert calibration_metrics.ece(z, y) == pytest.approx(1 / (1 + math.exp(-2)) - 0.75, abs=1e-6)  # 0.881 confident, 75 % right
+    assert calibration_metrics.ece(z / t, y) == pytest.approx(0.0, abs=1e-6)  # after scaling: 0.75 confident, 75 % right
     # the fitted T is the NLL minimum: a grid around it is never lower
-    assert all(CAL.nll(z / t, y) <= CAL.nll(z / (t * f), y) for f in (0.9, 0.99, 1.01, 1.1))
+    assert all(calibration_metrics.nll(z / t, y) <= calibration_metrics.nll(z / (t * f), y) for f in (0.9, 0.99, 1.01, 1.1))
     # all right with ever-surer logits: the minimum lies beyond the range, so T is its lower end (deterministic)
-    assert CAL.fit_temperature(torch.tensor([[5.0, 0.0]] * 3), torch.tensor([0, 0, 0])) == CAL.T_MIN
-    assert CAL.fit_temperature(torch.tensor([[1.0, 0.0]] * 2), torch.tensor([0, 1])) == CAL.T_MAX  # a coin
+    assert calibration_metrics.fit_temperature(torch.tensor([[5.0, 0.0]] * 3), torch.tensor([0, 0, 0])) == calibration_metrics.T_MIN
+    assert calibration_metrics.fit_temperature(torch.tensor([[1.0, 0.0]] * 2), torch.tensor([0, 1])) == calibration_metrics.T_MAX  # a coin
 
 
 def test_temperature_matches_a_grid_search_on_random_logits():
     g = torch.Generator().manual_seed(0)
     z, y = 4 * torch.randn(300, 6, generator=g), torch.randint(0, 6, (300,), generator=g)
-    t = CAL.fit_temperature(z, y)
+    t = calibration_metrics.fit_temperature(z, y)
     grid = torch.logspace(-1, 2, 3001, dtype=torch.float64)
     best = grid[torch.stack([torch.nn.functional.cross_entropy(z.double() / s, y) for s in grid]).argmin()]
-    assert t == pytest.approx(float(best), rel=2e-3) and t == CAL.fit_temperature(z, y)
+    assert t == pytest.approx(float(best), rel=2e-3) and t == calibration_metrics.fit_temperature(z, y)
 
 
 def test_macro_f1_by_hand():
     # class 0: tp 1, predicted 2, true 1 -> 2/3; class 1: tp 1, predicted 1, true 3 -> 1/2; class 2: never a label,
     # left out (WILDS: labels present in y_true)
     pred, y = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1])
-    assert CAL.macro_f1(pred, y, 3) == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert CAL.macro_f1(y, y, 3) == 1.0
+    assert calibration_metrics.macro_f1(pred, y, 3) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert calibration_metrics.macro_f1(y, y, 3) == 1.0
 
 
 def test_batches_add_up_to_the_whole_set_and_bins_round_trip():
     g = torch.Generator().manual_seed(1)
     z, y = 3 * torch.randn(100, 5, generator=g), torch.randint(0, 5, (100,), generator=g)
-    s = CAL.SetMetrics(torch.device("cpu"), f1=True, keep=True)
+    s = calibration_metrics.SetMetrics(torch.device("cpu"), f1=True, keep=True)
     for k in range(0, 100, 32):
         s.update(z[k:k + 32], y[k:k + 32])
     s.set_temperature(1.7)
     rows = {r["metric"]: r for r in s.rows({"step": 0, "role": "id_val", "domain": "photo", "split": "out"})}
-    assert rows["ece"]["value"] == pytest.approx(CAL.ece(z, y), abs=1e-9)
-    assert rows["nll"]["value"] == pytest.approx(CAL.nll(z, y), rel=1e-6)
-    assert rows["ece_ts"]["value"] == pytest.approx(CAL.ece(z / 1.7, y), abs=1e-9)
-    assert rows["macro_f1"]["value"] == pytest.approx(CAL.macro_f1(z.argmax(-1), y, 5))
-    count, correct, conf = CAL.decode_bins(rows["rel_bins"]["bins"])
+    assert rows["ece"]["value"] == pytest.approx(calibration_metrics.ece(z, y), abs=1e-9)
+    assert rows["nll"]["value"] == pytest.approx(calibration_metrics.nll(z, y), rel=1e-6)
+    assert rows["ece_ts"]["value"] == pytest.approx(calibration_metrics.ece(z / 1.7, y), abs=1e-9)
+    assert rows["macro_f1"]["value"] == pytest.approx(calibration_metrics.macro_f1(z.argmax(-1), y, 5))
+    count, correct, conf = calibration_metrics.decode_bins(rows["rel_bins"]["bins"])
     assert sum(count) == 100 and sum(correct) == int((z.argmax(-1) == y).sum())
-    assert CAL.ece_from_bins([count, correct, conf]) == pytest.approx(rows["ece"]["value"], abs=1e-5)
+    assert calibration_metrics.ece_from_bins([count, correct, conf]) == pytest.approx(rows["ece"]["value"], abs=1e-5)
 
 
 def test_group_logits_argmax_is_predict_classes():
@@ -147,16 +147,16 @@ def test_temperature_is_fitted_on_id_val_only_and_applied_to_every_set():
     rows = eval_rows(sets, metrics=("macro_f1",))
     assert [r["domain"] for r in rows if r["metric"] == "acc"] == ["sketch", "photo", "cartoon"]
     (temp,) = [r for r in rows if r["metric"] == "temperature"]
-    t = CAL.fit_temperature(torch.cat(zi), torch.cat(yi))
+    t = calibration_metrics.fit_temperature(torch.cat(zi), torch.cat(yi))
     assert temp["value"] == t and temp["n"] == 20 and temp["role"] == "id_val"
     got = {(r["domain"], r["metric"]): r["value"] for r in rows if r["metric"] != "temperature"}
     for d, z, y in [("sketch", zo, yo), ("photo", zi[0], yi[0]), ("cartoon", zi[1], yi[1])]:
         assert {m for dd, m in got if dd == d} == {"acc", "ece", "nll", "ece_ts", "macro_f1", "rel_bins"}
         assert got[(d, "acc")] == (z.argmax(-1) == y).sum().item() / len(y)
-        assert got[(d, "ece")] == pytest.approx(CAL.ece(z, y), abs=1e-9)
-        assert got[(d, "nll")] == pytest.approx(CAL.nll(z, y), rel=1e-6)
-        assert got[(d, "ece_ts")] == pytest.approx(CAL.ece(z / t, y), abs=1e-9)
-        assert got[(d, "macro_f1")] == pytest.approx(CAL.macro_f1(z.argmax(-1), y, 4))
+        assert got[(d, "ece")] == pytest.approx(calibration_metrics.ece(z, y), abs=1e-9)
+        assert got[(d, "nll")] == pytest.approx(calibration_metrics.nll(z, y), rel=1e-6)
+        assert got[(d, "ece_ts")] == pytest.approx(calibration_metrics.ece(z / t, y), abs=1e-9)
+        assert got[(d, "macro_f1")] == pytest.approx(calibration_metrics.macro_f1(z.argmax(-1), y, 4))
     # perturbing the OOD logits moves the OOD numbers, never the temperature or the ID numbers
     worse = eval_rows([("ood", "sketch", 3 * zo + torch.randn(12, 4, generator=g), yo)] + sets[1:])
     assert [r for r in worse if r["metric"] == "temperature"] == [temp]
@@ -176,7 +176,7 @@ def test_a_short_run_logs_the_new_rows_for_every_eval_set(embedded_root, tmp_pat
     from bench.train import run
 
     out = run(tiny_config(embedded_root, method="flyp"), tmp_path / "run", progress=False)
-    rows = R.read_rows(out / R.RESULTS)
+    rows = results.read_rows(out / results.RESULTS)
     for step in (0, 3, 6):
         mine = [r for r in rows if r["step"] == step and r["role"] != "train"]
         sets = {(r["role"], r["domain"]) for r in mine if r["metric"] == "acc"}
@@ -186,12 +186,12 @@ def test_a_short_run_logs_the_new_rows_for_every_eval_set(embedded_root, tmp_pat
             assert set(got) == {"acc", "ece", "nll", "ece_ts", "rel_bins"}, s
             assert all(got[m]["n"] == got["acc"]["n"] for m in got)
             assert 0 <= got["ece"]["value"] <= 1 and 0 <= got["ece_ts"]["value"] <= 1 and got["nll"]["value"] > 0
-            assert CAL.ece_from_bins(CAL.decode_bins(got["rel_bins"]["bins"])) == pytest.approx(
+            assert calibration_metrics.ece_from_bins(calibration_metrics.decode_bins(got["rel_bins"]["bins"])) == pytest.approx(
                 got["ece"]["value"], abs=1e-5)
-            count, correct, _ = CAL.decode_bins(got["rel_bins"]["bins"])
+            count, correct, _ = calibration_metrics.decode_bins(got["rel_bins"]["bins"])
             assert sum(count) == got["acc"]["n"] and sum(correct) == round(got["acc"]["value"] * got["acc"]["n"])
         (temp,) = [r for r in mine if r["metric"] == "temperature"]
-        assert CAL.T_MIN <= temp["value"] <= CAL.T_MAX
+        assert calibration_metrics.T_MIN <= temp["value"] <= calibration_metrics.T_MAX
         assert temp["n"] == sum(r["n"] for r in mine if r["metric"] == "acc" and r["role"] == "id_val")
 
 
@@ -217,7 +217,7 @@ RUNS = {
     (1, "sketch"): ({"photo": (.9, .20), "cartoon": (.8, .20), "painting": (.7, .20)}, (.4, .35, 2.0, .15)),
     (1, "photo"): ({"sketch": (.8, .30), "cartoon": (.8, .30), "painting": (.8, .30)}, (.6, .15, 1.0, .07)),
 }
-BINS_SKETCH = CAL.encode_bins([[0] * 9 + [10, 0, 0, 0, 30, 0, 0], [0] * 9 + [4, 0, 0, 0, 15, 0, 0],
+BINS_SKETCH = calibration_metrics.encode_bins([[0] * 9 + [10, 0, 0, 0, 30, 0, 0], [0] * 9 + [4, 0, 0, 0, 15, 0, 0],
                                [0] * 9 + [6.3, 0, 0, 0, 27.0, 0, 0]])
 
 
@@ -227,7 +227,7 @@ def write_run(root: Path, method: str, seed: int, held: str, calibration: bool =
     job_id = stable_hash({"config": cfg})
     d = root / job_id
     d.mkdir(parents=True)
-    (d / R.CONFIG).write_text(json.dumps({"config": cfg, "hparams": {}, "job_id": job_id, "protocol_version": 1}))
+    (d / results.CONFIG).write_text(json.dumps({"config": cfg, "hparams": {}, "job_id": job_id, "protocol_version": 1}))
     ids, (acc, ece, nll, ece_ts) = RUNS[(seed, held)]
     rows = []
     for dom, (a, e) in ids.items():
@@ -245,8 +245,8 @@ def write_run(root: Path, method: str, seed: int, held: str, calibration: bool =
                  {**base, "metric": "rel_bins", "value": 15, "n": 40, "bins": BINS_SKETCH},
                  {"step": 100, "role": "id_val", "domain": None, "split": None, "metric": "temperature", "value": 1.5,
                   "n": 300}]
-    (d / R.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / R.DONE).write_text("")
+    (d / results.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / results.DONE).write_text("")
     return job_id
 
 
@@ -260,7 +260,7 @@ def runs(tmp_path_factory):
 
 
 def cell(coll, metric, label="erm"):
-    (sec,) = T.build(coll, metric, "train_val").sections
+    (sec,) = tables.build(coll, metric, "train_val").sections
     return sec.cells[(label, "embedded")]
 
 
@@ -269,7 +269,7 @@ def se(a, b):
 
 
 def test_table_values_by_hand(runs):
-    coll = K.load(runs, cache=False)
+    coll = collect.load(runs, cache=False)
     # per trial seed: the mean over held-out domains (sketch and photo runs), then mean ± SE over seeds
     c = cell(coll, "ece_ood")
     assert (c.mean, c.se, c.n) == (pytest.approx(0.2), pytest.approx(se(.15, .25)), 2)
@@ -290,9 +290,9 @@ def test_table_values_by_hand(runs):
 
 
 def test_table_columns_side_by_side_and_explained_gaps(runs):
-    coll = K.load(runs, cache=False)
-    rep = T.build(coll, "id,ood_avg,ece_ood,nll_ood,worst_ood,macro_f1_ood", "train_val")
-    text = T.render(rep, "markdown")
+    coll = collect.load(runs, cache=False)
+    rep = tables.build(coll, "id,ood_avg,ece_ood,nll_ood,worst_ood,macro_f1_ood", "train_val")
+    text = tables.render(rep, "markdown")
     head = text.splitlines()[0]
     for h in ("ID", "OOD avg", "OOD ECE", "OOD NLL", "OOD worst", "OOD macro-F1"):
         assert f" {h} " in head
@@ -302,7 +302,7 @@ def test_table_columns_side_by_side_and_explained_gaps(runs):
     # the zeroshot row: one selected run (seed 1, photo) has no calibration rows; macro-F1: no card asks for it
     assert "job " in text and "lacks ece_ood on photo" in text
     assert "no macro_f1 rows in the selected runs (logged only where the dataset card asks for it" in text
-    rec = {(r["row"], r["column"]): r for r in json.loads(T.render(rep, "json"))["cells"]}
+    rec = {(r["row"], r["column"]): r for r in json.loads(tables.render(rep, "json"))["cells"]}
     assert rec[("erm", "OOD NLL")]["unit"] == "nats" and rec[("erm", "OOD NLL")]["mean"] == 1.25
     assert rec[("erm", "OOD ECE")]["unit"] == "%" and rec[("erm", "OOD ECE")]["mean"] == 20.0
 
@@ -310,8 +310,8 @@ def test_table_columns_side_by_side_and_explained_gaps(runs):
 def test_runs_without_calibration_rows_get_an_explained_empty_cell(tmp_path):
     for seed, held in RUNS:
         write_run(tmp_path / "old", "erm", seed, held, calibration=False)
-    coll = K.load(tmp_path / "old", cache=False)
-    rep = T.build(coll, "ood_avg,ece_ood", "train_val")
+    coll = collect.load(tmp_path / "old", cache=False)
+    rep = tables.build(coll, "ood_avg,ece_ood", "train_val")
     (sec,) = rep.sections
     assert sec.cells[("erm", "ood_avg@embedded")].mean == pytest.approx(.6)
     gap = sec.cells[("erm", "ece_ood@embedded")]
@@ -324,7 +324,7 @@ def test_cli_table_and_reliability_plot(runs, tmp_path, capsys):
     assert "OOD ECE (TS)" in out and "HM (ID, OOD)" in out
     from bench.plot import reliability_bins
 
-    bins = reliability_bins(K.load(runs, cache=False))
+    bins = reliability_bins(collect.load(runs, cache=False))
     erm = bins[(bins["label"] == "erm") & (bins["side"] == "OOD")]
     # pooled over 2 seeds x 2 held-out sets: 4 x the fixture's bins; acc and confidence per bin are theirs
     assert erm["n"].sum() == 160 and erm.loc[erm["bin"] == 13, "acc"].item() == pytest.approx(0.5)

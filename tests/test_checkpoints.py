@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench import models as M
+from bench import models
 from bench.errors import BenchError
 from bench.models import load_clip
 from tests.conftest import tiny_config
@@ -83,7 +83,7 @@ def test_open_clip_state_dicts_load_plain_and_as_its_trainer_writes_them(tmp_pat
 def test_openai_torchscript_release_loads_fp16_as_fp32(tmp_path, quick_name):
     path = tmp_path / "ViT-tiny.pt"
     written = openai_torchscript(random_state(quick_name, 2), 32, 24, path)
-    assert M.is_torchscript(path) and any(v.dtype == torch.float16 for v in written.values())
+    assert models.is_torchscript(path) and any(v.dtype == torch.float16 for v in written.values())
     with pytest.raises(RuntimeError, match="weights_only"):  # why load_clip cannot leave it to open_clip 3.3
         open_clip.create_model(quick_name, pretrained=str(path))
     clip = load_clip(quick_name, str(path))
@@ -132,23 +132,23 @@ def test_sha256_is_cached_per_file_version(tmp_path, monkeypatch):
     path = tmp_path / "w.pt"
     path.write_bytes(b"x" * 100)
     calls = []
-    real = M.sha256_file
-    monkeypatch.setattr(M, "sha256_file", lambda p: calls.append(p) or real(p))
-    first = M.pretrained_sha256("TinyCLIP-32", str(path))
-    assert first == real(path) and M.pretrained_sha256("TinyCLIP-32", str(path)) == first and len(calls) == 1
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = models.pretrained_sha256("TinyCLIP-32", str(path))
+    assert first == real(path) and models.pretrained_sha256("TinyCLIP-32", str(path)) == first and len(calls) == 1
     path.write_bytes(b"y" * 101)
     os.utime(path, ns=(1, 1))
-    assert M.pretrained_sha256("TinyCLIP-32", str(path)) == real(path) != first and len(calls) == 2
-    assert M.pretrained_sha256("TinyCLIP-32", None) is None and M.pretrained_sha256("TinyCLIP-32", "none") is None
+    assert models.pretrained_sha256("TinyCLIP-32", str(path)) == real(path) != first and len(calls) == 2
+    assert models.pretrained_sha256("TinyCLIP-32", None) is None and models.pretrained_sha256("TinyCLIP-32", "none") is None
 
 
 def test_config_json_records_the_pretrained_sha256(embedded_root, tmp_path, monkeypatch):
-    from bench import sweep as S
+    from bench import sweep
     from bench.train import run
 
     weights = embedded_root / "tiny.pt"
     run_dir = run(tiny_config(embedded_root, **{"train.steps": 1}), tmp_path / "r", progress=False)
-    assert json.loads((run_dir / "config.json").read_text())["pretrained_sha256"] == M.sha256_file(weights)
+    assert json.loads((run_dir / "config.json").read_text())["pretrained_sha256"] == models.sha256_file(weights)
     run_dir = run(tiny_config(embedded_root, **{"train.steps": 1, "model.pretrained": "none"}), tmp_path / "r0",
                   progress=False)
     assert json.loads((run_dir / "config.json").read_text())["pretrained_sha256"] is None
@@ -157,10 +157,10 @@ def test_config_json_records_the_pretrained_sha256(embedded_root, tmp_path, monk
     sweep_file.write_text(json.dumps({
         "name": "s", "output": str(tmp_path / "runs"), "methods": ["zeroshot", "erm"], "trial_seeds": [0, 1],
         "base": {"model": {"name": "TinyCLIP-32", "pretrained": str(weights)}, "data": {"root": str(embedded_root)}}}))
-    jobs = S.expand(S.load_sweep(sweep_file))
-    M._SHA256_CACHE.clear()
+    jobs = sweep.expand(sweep.load_sweep(sweep_file))
+    models._SHA256_CACHE.clear()
     calls = []
-    real = M.sha256_file
-    monkeypatch.setattr(M, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda p: calls.append(p) or real(p))
     assert len(jobs) == 4 and {j.record["pretrained_sha256"] for j in jobs} == {real(weights)}
     assert len(calls) == 1  # once per distinct file, not per job

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from bench import results as R
+from bench import results
 from bench.train import run
 from tests.conftest import tiny_config
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import collect as K
+from bench import collect
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs"
 REQUEUED = "7182e4a71f43"  # erm, held out photo, seed 0, lr 3e-4: its step-100 rows were appended twice
@@ -31,7 +31,7 @@ def runs(tmp_path, monkeypatch):
 
 @pytest.fixture
 def coll(runs):
-    return K.load(runs)
+    return collect.load(runs)
 
 
 def test_fixture_is_small_and_complete():
@@ -51,7 +51,7 @@ def test_jobs_states_and_folder_problems(coll):
     assert coll.domains["embedded"] == ["photo", "sketch", "cartoon", "painting"]  # the trainer's (card) order
     assert coll.domains["imagenet"][:5] == ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet"]
     # the ImageNet card's ood_averages (datasets/imagenet.yaml) and SHIFT_SUITES agree
-    assert coll.suite("imagenet")["averages"] == K.SHIFT_SUITES["imagenet"]["averages"]
+    assert coll.suite("imagenet")["averages"] == collect.SHIFT_SUITES["imagenet"]["averages"]
     assert coll.suite("embedded") is None
 
 
@@ -64,13 +64,13 @@ def test_pairs_without_their_single_runs_are_not_columns(runs):
     rec = json.loads((dst / "config.json").read_text())
     rec["config"]["data"]["test_domains"], rec["job_id"] = ["cartoon", "painting"], "0000cartpaint"
     (dst / "config.json").write_text(json.dumps(rec))
-    coll = K.load(runs)
+    coll = collect.load(runs)
     assert coll.primary_sets["embedded"] == ["photo", "sketch"]
     assert not coll.jobs.set_index("job_id").loc["0000cartpaint", "primary"]
 
 
 def test_job_state_is_bench_jobs_state_with_or_without_the_listing(tmp_path):
-    from bench import jobs as J
+    from bench import jobs as job_states
 
     for name, files in {"a": ["done", "failed"], "b": ["failed"], "c": [], "d": ["heartbeat"]}.items():
         (tmp_path / name).mkdir()
@@ -79,9 +79,9 @@ def test_job_state_is_bench_jobs_state_with_or_without_the_listing(tmp_path):
     os.utime(tmp_path / "d" / "heartbeat", (0, 0))
     for name in "abcd":
         names = set(os.listdir(tmp_path / name))
-        assert K.job_state(tmp_path / name) == K.job_state(tmp_path / name, names) == J.job_state(tmp_path / name)
-    assert [K.job_state(tmp_path / n) for n in "abcd"] == ["done", "failed", "missing", "stale"]
-    assert K.job_state(tmp_path / "nowhere") == "missing"
+        assert collect.job_state(tmp_path / name) == collect.job_state(tmp_path / name, names) == job_states.job_state(tmp_path / name)
+    assert [collect.job_state(tmp_path / n) for n in "abcd"] == ["done", "failed", "missing", "stale"]
+    assert collect.job_state(tmp_path / "nowhere") == "missing"
 
 
 def test_requeued_rows_count_once(coll):
@@ -95,7 +95,7 @@ def test_requeued_rows_count_once(coll):
 
 def test_corrupt_lines_are_skipped_with_file_and_line_and_the_rest_is_read(runs, caplog):
     with caplog.at_level(logging.WARNING, logger="bench"):
-        coll = K.load(runs, cache=False)
+        coll = collect.load(runs, cache=False)
     path = f"runs/{CORRUPT}/results.jsonl"
     assert {r.getMessage() for r in caplog.records} == {f"{path}:6: skipping a corrupt results line",
                                                         f"{path}:62: skipping a corrupt results line"}
@@ -109,22 +109,22 @@ def test_a_results_file_of_garbage_or_nothing_does_not_stop_the_table(runs, capl
     (runs / CORRUPT / "results.jsonl").write_bytes(b"\x00\xff garbage\n[1, 2]\n")
     (runs / REQUEUED / "results.jsonl").write_text("")
     with caplog.at_level(logging.WARNING, logger="bench"):
-        coll = K.load(runs)
+        coll = collect.load(runs)
     assert len(caplog.records) == 2 and "results.jsonl:2: skipping" in caplog.records[1].getMessage()
-    assert len(coll.rows) and len(K.select(coll, "train_val"))
+    assert len(coll.rows) and len(collect.select(coll, "train_val"))
 
 
 def test_cache_gives_the_same_rows_and_sees_changed_files(runs, caplog):
     def frame(c):
-        return c.rows.astype({k: str for k in K.TEXT_COLS}).sort_values(list(c.rows.columns)).reset_index(drop=True)
+        return c.rows.astype({k: str for k in collect.TEXT_COLS}).sort_values(list(c.rows.columns)).reset_index(drop=True)
 
-    plain = K.load(runs, cache=False)
-    assert not (runs / K.CACHE).exists()
-    first = K.load(runs)
-    assert (runs / K.CACHE).exists()
+    plain = collect.load(runs, cache=False)
+    assert not (runs / collect.CACHE).exists()
+    first = collect.load(runs)
+    assert (runs / collect.CACHE).exists()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bench"):
-        second = K.load(runs)  # every file from the cache
+        second = collect.load(runs)  # every file from the cache
     assert frame(plain).equals(frame(first)) and frame(first).equals(frame(second))
     assert sum("skipping a corrupt results line" in r.getMessage() for r in caplog.records) == 2  # warned again
     # a post-hoc WiSE-FT run rewrites a file: the cache must not hide it
@@ -132,38 +132,38 @@ def test_cache_gives_the_same_rows_and_sees_changed_files(runs, caplog):
     with open(path, "a") as f:
         f.write(json.dumps({"step": 100, "role": "ood", "domain": "photo", "split": "in", "metric": "acc",
                             "value": 0.123, "n": 512, "variant": "wise:0.3"}) + "\n")
-    third = K.load(runs)
+    third = collect.load(runs)
     assert (third.rows["variant"] == "wise:0.3").sum() == 1
     # a finished job appears, another is removed
     shutil.rmtree(runs / CORRUPT)
-    fourth = K.load(runs)
-    assert frame(fourth).equals(frame(K.load(runs, cache=False)))
+    fourth = collect.load(runs)
+    assert frame(fourth).equals(frame(collect.load(runs, cache=False)))
 
 
 def test_a_dataset_filter_does_not_shrink_the_cache(runs):
-    K.load(runs)
-    size = (runs / K.CACHE).stat().st_size
-    assert set(K.load(runs, datasets=["imagenet"]).jobs["dataset"]) == {"imagenet"}
-    assert (runs / K.CACHE).stat().st_size == size
+    collect.load(runs)
+    size = (runs / collect.CACHE).stat().st_size
+    assert set(collect.load(runs, datasets=["imagenet"]).jobs["dataset"]) == {"imagenet"}
+    assert (runs / collect.CACHE).stat().st_size == size
 
 
 def test_unwritable_cache_is_no_error(runs):
-    (runs / K.CACHE).mkdir()  # cannot be replaced by a file
-    assert len(K.load(runs).rows)
+    (runs / collect.CACHE).mkdir()  # cannot be replaced by a file
+    assert len(collect.load(runs).rows)
 
 
 def test_hp_key_ignores_what_not_computes_and_sees_what_does():
     from bench.config import NOT_IDENTITY
 
-    covered = {(a, b) for a, bs in K._NOT_HP.items() if bs for b in bs} | {(a,) for a, bs in K._NOT_HP.items()
+    covered = {(a, b) for a, bs in collect._NOT_HP.items() if bs for b in bs} | {(a,) for a, bs in collect._NOT_HP.items()
                                                                              if bs is None}
     assert NOT_IDENTITY <= covered  # keep in step with job ids
     cfg = json.loads((FIXTURE / REQUEUED / "config.json").read_text())["config"]
     other = json.loads(json.dumps(cfg))
     other["data"]["test_domains"], other["trial_seed"], other["data"]["root"] = ["sketch"], 5, "/elsewhere"
-    assert K._hp_key(cfg, {"a": 1}) == K._hp_key(other, {"a": 1}) != K._hp_key(cfg, {"a": 2})
+    assert collect._hp_key(cfg, {"a": 1}) == collect._hp_key(other, {"a": 1}) != collect._hp_key(cfg, {"a": 2})
     other["train"]["lr"] = 1.0
-    assert K._hp_key(cfg, {"a": 1}) != K._hp_key(other, {"a": 1})
+    assert collect._hp_key(cfg, {"a": 1}) != collect._hp_key(other, {"a": 1})
 
 
 # ------------------------------------------------------------------ DomainBed's rules, written out plainly
@@ -200,7 +200,7 @@ def reference_selection(rule):
     out = {}
     variants = {(r["method"], v) for r in runs for v, _ in r["records"]}
     primary = {"embedded": [frozenset({"photo"}), frozenset({"sketch"})],
-               "imagenet": [frozenset(K.SHIFT_SUITES["imagenet"]["sets"])]}
+               "imagenet": [frozenset(collect.SHIFT_SUITES["imagenet"]["sets"])]}
     domains = {"embedded": ["photo", "sketch", "cartoon", "painting"]}
     for (method, variant), (ds, sets), seed in product(variants, primary.items(), (0, 1)):
         for test in sets:
@@ -245,7 +245,7 @@ def reference_selection(rule):
 @pytest.mark.parametrize("rule", ["train_val", "lodo", "oracle"])
 def test_selection_matches_domainbed_written_out(coll, rule):
     ref = reference_selection(rule)
-    got = K.select(coll, rule)
+    got = collect.select(coll, rule)
     mine = {(r.label, r.dataset, r.test_set, int(r.trial_seed)): (r.job_id, int(r.step))
             for r in got.itertuples(index=False)}
     assert mine == {k: v[:2] for k, v in ref.items()}
@@ -254,7 +254,7 @@ def test_selection_matches_domainbed_written_out(coll, rule):
 
 def test_rules_choose_differently_on_the_fixture(coll):
     picks = {rule: {(r.label, r.test_set, r.trial_seed): (r.job_id, r.step) for r in
-                    K.select(coll, rule).itertuples(index=False) if r.dataset == "embedded" and r.label == "erm"}
+                    collect.select(coll, rule).itertuples(index=False) if r.dataset == "embedded" and r.label == "erm"}
              for rule in ("train_val", "lodo", "oracle")}
     assert picks["train_val"] != picks["lodo"] != picks["oracle"] != picks["train_val"]
     assert any(step not in (0, 100) for _, step in picks["train_val"].values()) or \
@@ -265,9 +265,9 @@ def test_rules_choose_differently_on_the_fixture(coll):
 def test_per_seed_values_are_domainbed_averages(coll, rule):
     """Cell = mean over trial seeds of (mean over held-out domains of the chosen run's accuracy)."""
     ref = reference_selection(rule)
-    values = K.chosen_values(coll, K.select(coll, rule))
+    values = collect.chosen_values(coll, collect.select(coll, rule))
     for metric in ("ood_avg", "id"):
-        got, _ = K.per_seed(coll, values, metric, "embedded")
+        got, _ = collect.per_seed(coll, values, metric, "embedded")
         got = {(r.label, int(r.trial_seed)): r.value for r in got.itertuples(index=False)}
         expect = {}
         for (label, ds, test, seed), (_, _, acc) in ref.items():
@@ -285,33 +285,33 @@ def test_per_seed_values_are_domainbed_averages(coll, rule):
 
 
 def test_mean_se_is_domainbeds_format_mean():
-    mean, se, n = K.mean_se([0.5, 0.7, 0.9])
+    mean, se, n = collect.mean_se([0.5, 0.7, 0.9])
     assert (round(mean, 12), n) == (0.7, 3)
     assert se == pytest.approx(statistics.pstdev([0.5, 0.7, 0.9]) / np.sqrt(3))
-    assert K.mean_se([])[2] == 0
+    assert collect.mean_se([])[2] == 0
 
 
 def test_suite_averages_come_from_the_dict(coll):
-    values = K.chosen_values(coll, K.select(coll, "train_val"))
-    four, gaps = K.per_seed(coll, values, "ood_avg4", "imagenet")
-    five, gaps5 = K.per_seed(coll, values, "ood_avg5", "imagenet")
+    values = collect.chosen_values(coll, collect.select(coll, "train_val"))
+    four, gaps = collect.per_seed(coll, values, "ood_avg4", "imagenet")
+    five, gaps5 = collect.per_seed(coll, values, "ood_avg5", "imagenet")
     assert set(four["label"]) == {"zeroshot", "erm"} and len(four) == 4  # both seeds
     assert len(five) == 3 and not len(gaps) and list(gaps5["key"]) == ["ood:objectnet"]  # erm seed 1 has no ObjectNet
-    assert K.METRICS["ood_avg4"].endswith("imagenet_v2, imagenet_r, imagenet_sketch, imagenet_a")
+    assert collect.METRICS["ood_avg4"].endswith("imagenet_v2, imagenet_r, imagenet_sketch, imagenet_a")
 
 
 def test_suites_come_from_the_card_or_the_dict(coll, monkeypatch):
-    monkeypatch.setattr(K, "_card_averages", lambda ds: None)
+    monkeypatch.setattr(collect, "_card_averages", lambda ds: None)
     coll._suites.clear()
-    assert coll.suite("imagenet") is K.SHIFT_SUITES["imagenet"]
-    monkeypatch.setattr(K, "_card_averages", lambda ds: {"ood_avg4": ("imagenet_v2", "imagenet_r")})
+    assert coll.suite("imagenet") is collect.SHIFT_SUITES["imagenet"]
+    monkeypatch.setattr(collect, "_card_averages", lambda ds: {"ood_avg4": ("imagenet_v2", "imagenet_r")})
     coll._suites.clear()
     assert coll.suite("embedded")["averages"] == {"ood_avg4": ("Avg (4)", ("imagenet_v2", "imagenet_r"))}
     coll._suites.clear()
 
 
 def test_export_best_names_jobs_hparams_and_configs(coll):
-    best = K.export_best(coll, "lodo")
+    best = collect.export_best(coll, "lodo")
     erm = [b for b in best if b["row"] == "erm" and b["dataset"] == "embedded"]
     assert len(erm) == 4
     for b in erm:

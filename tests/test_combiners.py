@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from bench import collect as K
-from bench import config as C
-from bench import results as R
-from bench import tables as T
+from bench import collect
+from bench import config
+from bench import results
+from bench import tables
 from bench.combine import (COMBINERS, Combiner, average, build_combiner, combine_group, combine_runs, find_runs,
                            group_key, load_builtin_combiners, register_combiner)
 from bench.errors import BenchError
@@ -109,25 +109,25 @@ def test_seed_offset_changes_the_training_seed_and_id_but_not_the_task(embedded_
     other = prepare(tiny_config(embedded_root, **{"train.seed_offset": 3}))
     assert zero.job_id == base.job_id and zero.seed == base.seed  # 0 is not part of the identity
     assert other.job_id != base.job_id and other.seed != base.seed
-    rec = {"config": C.to_dict(base.cfg), "hparams": {}}
-    rec3 = {"config": C.to_dict(other.cfg), "hparams": {}}
+    rec = {"config": config.to_dict(base.cfg), "hparams": {}}
+    rec3 = {"config": config.to_dict(other.cfg), "hparams": {}}
     assert group_key(rec, "hp") == group_key(rec3, "hp") == group_key(rec3, "hp")
-    lr = {"config": C.to_dict(tiny_config(embedded_root, **{"train.lr": 3e-4})), "hparams": {}}
+    lr = {"config": config.to_dict(tiny_config(embedded_root, **{"train.lr": 3e-4})), "hparams": {}}
     assert group_key(lr, "method") == group_key(rec, "method") and group_key(lr, "hp") != group_key(rec, "hp")
     for change in ({"trial_seed": 1}, {"data.test_domains": ["photo"]}, {"method": "flyp"}):
-        moved = {"config": C.to_dict(tiny_config(embedded_root, **change)), "hparams": {}}
+        moved = {"config": config.to_dict(tiny_config(embedded_root, **change)), "hparams": {}}
         assert group_key(moved, "method") != group_key(rec, "method"), change
 
 
 def test_shipped_soup_sweep_trains_four_seeds_per_task_and_its_first_is_embedded_yamls_erm():
-    from bench import sweep as S
+    from bench import sweep
 
-    jobs = S.expand(S.load_sweep("sweeps/embedded_soups.yaml"), "soups", check_data=False)
+    jobs = sweep.expand(sweep.load_sweep("sweeps/embedded_soups.yaml"), "soups", check_data=False)
     tasks = {}
     for j in jobs:
         tasks.setdefault((j.cfg.data.test_domains, j.cfg.trial_seed), set()).add((j.cfg.train.seed_offset, j.seed))
     assert len(tasks) == 12 and all(len(v) == 4 and len({s for _, s in v}) == 4 for v in tasks.values())
-    erm = {j.job_id for j in S.expand(S.load_sweep("sweeps/embedded.yaml"), "e", check_data=False)
+    erm = {j.job_id for j in sweep.expand(sweep.load_sweep("sweeps/embedded.yaml"), "e", check_data=False)
            if j.cfg.method == "erm"}
     assert {j.job_id for j in jobs if j.draw == 0} == erm
 
@@ -149,7 +149,7 @@ def accs(rows):
 
 
 def last_rows(run_dir):
-    rows = [r for r in R.read_rows(run_dir / R.RESULTS) if "variant" not in r]
+    rows = [r for r in results.read_rows(run_dir / results.RESULTS) if "variant" not in r]
     last = max(r["step"] for r in rows)
     return [r for r in rows if r["step"] == last and r["role"] != "train"]
 
@@ -161,9 +161,9 @@ def test_find_runs_takes_done_runs_with_weights_only(runs):
 
 
 def test_a_soup_of_one_run_is_that_run(runs, tmp_path):
-    one = [(runs / "a", json.loads((runs / "a" / R.CONFIG).read_text()))]
+    one = [(runs / "a", json.loads((runs / "a" / results.CONFIG).read_text()))]
     folder = combine_group(build_combiner("soup"), one, tmp_path)
-    rows = R.read_rows(folder / R.RESULTS)
+    rows = results.read_rows(folder / results.RESULTS)
     for variant in ("soup:uniform", "soup:greedy"):
         assert accs(r for r in rows if r["variant"] == variant) == accs(last_rows(runs / "a"))
 
@@ -174,20 +174,20 @@ def test_bench_combine_writes_a_run_per_task_that_the_collector_and_table_show(r
     (soup,) = combine_runs(root, build_combiner("soup"))  # the trial-seed-1 run is alone: no soup of it...
     (stock,) = combine_runs(root, build_combiner("model_stock"), group_by="hp")
     assert soup.parent == stock.parent == root / "combined"
-    name_of = {json.loads((root / n / R.CONFIG).read_text())["job_id"]: n for n in ("a", "b")}
+    name_of = {json.loads((root / n / results.CONFIG).read_text())["job_id"]: n for n in ("a", "b")}
     ids = sorted(name_of)
     for folder, name, variants in ((soup, "soup", ["soup:greedy", "soup:uniform"]),
                                    (stock, "model_stock", ["model_stock"])):
-        rec = json.loads((folder / R.CONFIG).read_text())
-        assert rec["job_id"] == folder.name and (folder / R.DONE).is_file()
+        rec = json.loads((folder / results.CONFIG).read_text())
+        assert rec["job_id"] == folder.name and (folder / results.DONE).is_file()
         assert rec["combined"]["combiner"] == name and [m["job_id"] for m in rec["combined"]["members"]] == ids
         assert sorted(rec["combined"]["variants"]) == variants
         assert rec["config"]["trial_seed"] == 0 and rec["config"]["data"]["test_domains"] == ["sketch"]
-        assert "baseline" in rec and rec["baseline"] == json.loads((root / "a" / R.CONFIG).read_text())["baseline"]
-        rows = R.read_rows(folder / R.RESULTS)
+        assert "baseline" in rec and rec["baseline"] == json.loads((root / "a" / results.CONFIG).read_text())["baseline"]
+        rows = results.read_rows(folder / results.RESULTS)
         assert sorted({r["variant"] for r in rows}) == variants
         assert {r["role"] for r in rows} >= {"id_val", "ood", "zeroshot"}
-    greedy = json.loads((soup / R.CONFIG).read_text())["combined"]["variants"]["soup:greedy"]
+    greedy = json.loads((soup / results.CONFIG).read_text())["combined"]["variants"]["soup:greedy"]
     # scored on ID validation only: each member's score is its own last-step ID accuracy (the collector's `id`)
     for job in ids:
         own = [r["value"] for r in last_rows(root / name_of[job]) if r["role"] == "id_val" and r["metric"] == "acc"]
@@ -197,12 +197,12 @@ def test_bench_combine_writes_a_run_per_task_that_the_collector_and_table_show(r
     # again: nothing new (the same members give the same job id)
     assert combine_runs(root, build_combiner("soup")) == [soup]
     # the collector: rows of their own, in the members' cells (dataset, held-out set, trial seed)
-    coll = K.load(root, cache=False)
-    labels = set(K.units(coll).table["label"])
+    coll = collect.load(root, cache=False)
+    labels = set(collect.units(coll).table["label"])
     assert {"erm", "erm+soup:uniform", "erm+soup:greedy", "erm+model_stock", "erm+wise:0.5"} <= labels
-    chosen = K.select(coll, "train_val")
+    chosen = collect.select(coll, "train_val")
     assert set(chosen.loc[chosen["label"] == "erm+model_stock", "job_id"]) == {stock.name}
-    text = T.render(T.build(coll, "id,ood_avg", "train_val"), "markdown")
+    text = tables.render(tables.build(coll, "id,ood_avg", "train_val"), "markdown")
     for label in ("erm+soup:greedy", "erm+soup:uniform", "erm+model_stock"):
         assert f"| {label} " in text
 
@@ -210,7 +210,7 @@ def test_bench_combine_writes_a_run_per_task_that_the_collector_and_table_show(r
 def test_too_few_runs_or_mixed_tasks_are_refused(runs, tmp_path):
     with pytest.raises(BenchError, match="no task has 2 finished runs to combine with model_stock"):
         combine_runs(runs / "c", build_combiner("model_stock"), out=tmp_path)
-    mixed = [(runs / n, json.loads((runs / n / R.CONFIG).read_text())) for n in ("a", "c")]
+    mixed = [(runs / n, json.loads((runs / n / results.CONFIG).read_text())) for n in ("a", "c")]
     with pytest.raises(BenchError, match="not one task"):
         combine_group(build_combiner("soup"), mixed, tmp_path)
     with pytest.raises(BenchError, match="no finished runs with saved weights"):
@@ -220,9 +220,9 @@ def test_too_few_runs_or_mixed_tasks_are_refused(runs, tmp_path):
 def test_wise_through_the_registry_reproduces_the_rows_written_at_the_end_of_training(runs, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs / "a", root / "a")
-    before = R.read_rows(root / "a" / R.RESULTS)
+    before = results.read_rows(root / "a" / results.RESULTS)
     combine_runs(root, build_combiner("wise", {"alphas": [0.0, 0.5, 1.0]}))
-    after = R.read_rows(root / "a" / R.RESULTS)
+    after = results.read_rows(root / "a" / results.RESULTS)
 
     def key(rows):
         return sorted(json.dumps(r, sort_keys=True) for r in rows)
@@ -243,20 +243,20 @@ def test_the_documented_plugin_combiner_registers_and_runs(runs, tmp_path):
     try:
         load_plugin(plugin)
         combiner = build_combiner("scaled_soup", {"scale": 1.0})
-        pair = [(runs / n, json.loads((runs / n / R.CONFIG).read_text())) for n in ("a", "b")]
+        pair = [(runs / n, json.loads((runs / n / results.CONFIG).read_text())) for n in ("a", "b")]
         folder = combine_group(combiner, pair, tmp_path / "out")
         uniform = combine_group(build_combiner("soup"), pair, tmp_path / "out")
-        mine = R.read_rows(folder / R.RESULTS)
+        mine = results.read_rows(folder / results.RESULTS)
         assert {r["variant"] for r in mine} == {"scaled_soup:1"}
         # scale 1 is the uniform soup
-        assert accs(mine) == accs(r for r in R.read_rows(uniform / R.RESULTS) if r["variant"] == "soup:uniform")
+        assert accs(mine) == accs(r for r in results.read_rows(uniform / results.RESULTS) if r["variant"] == "soup:uniform")
     finally:
         COMBINERS.unregister("scaled_soup")
 
 
 def test_seed_offset_0_keeps_the_collectors_hp_key_of_configs_written_before_it(embedded_root):
-    new = C.to_dict(tiny_config(embedded_root))
+    new = config.to_dict(tiny_config(embedded_root))
     old = json.loads(json.dumps(new))
     del old["train"]["seed_offset"]
-    seeded = C.to_dict(tiny_config(embedded_root, **{"train.seed_offset": 2}))
-    assert K._hp_key(new, {}) == K._hp_key(old, {}) != K._hp_key(seeded, {})
+    seeded = config.to_dict(tiny_config(embedded_root, **{"train.seed_offset": 2}))
+    assert collect._hp_key(new, {}) == collect._hp_key(old, {}) != collect._hp_key(seeded, {})

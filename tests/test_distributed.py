@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bench import config as C
-from bench import distributed as D
-from bench import results as R
+from bench import config as run_config
+from bench import distributed
+from bench import results
 from bench.errors import BenchError
 from bench.method import METHODS, load_builtin_methods
 from bench.train import run
@@ -36,11 +36,11 @@ def _rank(rank: int, world: int, port: int, cfg: dict, run_dir: str, stop_after)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run(C.from_dict(C.RunConfig, cfg, "test"), run_dir, progress=False, stop_after=stop_after)
+    run(run_config.from_dict(run_config.RunConfig, cfg, "test"), run_dir, progress=False, stop_after=stop_after)
 
 
 def run_processes(cfg, run_dir, world=2, stop_after=None):
-    mp.spawn(_rank, args=(world, free_port(), C.to_dict(cfg), str(run_dir), stop_after), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), run_config.to_dict(cfg), str(run_dir), stop_after), nprocs=world, join=True)
 
 
 def config(root, method, **over):
@@ -63,11 +63,11 @@ def reference(root, tmp_path_factory, method):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / R.FINAL, weights_only=True)["method"]
+    return torch.load(run_dir / results.FINAL, weights_only=True)["method"]
 
 
 def assert_same_run(got_dir, want_dir, rtol=1e-5):
-    assert (got_dir / R.DONE).is_file() and not (got_dir / R.CHECKPOINT).exists()
+    assert (got_dir / results.DONE).is_file() and not (got_dir / results.CHECKPOINT).exists()
     got, want = weights(got_dir), weights(want_dir)
     assert got.keys() == want.keys()
     # AdamW divides each gradient by its own size: where a gradient is float noise (the key bias of attention,
@@ -83,14 +83,14 @@ def assert_same_run(got_dir, want_dir, rtol=1e-5):
     assert close >= 0.99 * total, f"{total - close} of {total} weights differ"
 
     def rows(d):
-        return [r for r in R.read_rows(d / R.RESULTS) if r["metric"] not in VOLATILE]
+        return [r for r in results.read_rows(d / results.RESULTS) if r["metric"] not in VOLATILE]
 
     got_rows, want_rows = rows(got_dir), rows(want_dir)
     key = ("step", "role", "domain", "split", "metric", "n")
     assert [tuple(r[k] for k in key) for r in got_rows] == [tuple(r[k] for k in key) for r in want_rows]
     for g, w in zip(got_rows, want_rows):
         assert g["value"] == pytest.approx(w["value"], rel=1e-4, abs=1e-6), (g, w)
-    assert json.loads((got_dir / R.CONFIG).read_text())["job_id"] == json.loads((want_dir / R.CONFIG).read_text())[
+    assert json.loads((got_dir / results.CONFIG).read_text())["job_id"] == json.loads((want_dir / results.CONFIG).read_text())[
         "job_id"]
 
 
@@ -108,7 +108,7 @@ def test_two_processes_resume_equals_unbroken(embedded_root, tmp_path, tmp_path_
     want = reference(embedded_root, tmp_path_factory, "flyp")
     cfg = config(embedded_root, "flyp")
     run_processes(cfg, tmp_path / "two", stop_after=2)
-    assert (tmp_path / "two" / R.CHECKPOINT).is_file() and not (tmp_path / "two" / R.DONE).exists()
+    assert (tmp_path / "two" / results.CHECKPOINT).is_file() and not (tmp_path / "two" / results.DONE).exists()
     run_processes(cfg, tmp_path / "two")
     assert_same_run(tmp_path / "two", want)
 
@@ -117,15 +117,15 @@ def _grads_rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist, _ = D.setup(torch.device("cpu"), "cpu")
+    dist, _ = distributed.setup(torch.device("cpu"), "cpu")
     grads = {}
     for name in GRAD_METHODS:
         method, batch, labels_of, domain_of = method_and_batch(root, name)
-        lo, hi = D.bounds(len(batch["labels"]), world, rank)
+        lo, hi = distributed.bounds(len(batch["labels"]), world, rank)
         local = {**batch, **{k: batch[k][lo:hi] for k in ("images", "labels", "index", "domains")}}
         torch.manual_seed(1234)
-        local = D.rank_batch(method, local, batch["index"], labels_of, domain_of, dist, contextlib.nullcontext)
-        loss, _ = D.step(method, local, 1, contextlib.nullcontext, dist)
+        local = distributed.rank_batch(method, local, batch["index"], labels_of, domain_of, dist, contextlib.nullcontext)
+        loss, _ = distributed.step(method, local, 1, contextlib.nullcontext, dist)
         grads[name] = (loss, {n: p.grad.clone() for n, p in method.trainable_parameters() if p.grad is not None})
     if dist.main:
         torch.save(grads, out)
@@ -179,15 +179,15 @@ def test_rank_slices_are_tensor_split():
                 continue
             rows = torch.arange(n)
             want = [t.tolist() for t in torch.tensor_split(rows, world)]
-            assert [rows[slice(*D.bounds(n, world, r))].tolist() for r in range(world)] == want
+            assert [rows[slice(*distributed.bounds(n, world, r))].tolist() for r in range(world)] == want
 
 
 def test_refusals_are_one_line(monkeypatch):
     erm = METHODS.get("erm")
     with pytest.raises(BenchError, match=r"train.batch_size: 3 is fewer than 2 processes x train.accum_steps 2; "
                                          r"set it to at least 4"):
-        D.check(erm, 3, 2, 2, "run.yaml")
-    D.check(erm, 3, 2, 1, "run.yaml")  # one process: nothing to split
+        distributed.check(erm, 3, 2, 2, "run.yaml")
+    distributed.check(erm, 3, 2, 1, "run.yaml")  # one process: nothing to split
 
     class NoRoute(erm):
         name = "no_route"
@@ -196,18 +196,18 @@ def test_refusals_are_one_line(monkeypatch):
             return super().loss(batch)
 
     with pytest.raises(BenchError, match="method 'no_route' has no accumulation route"):
-        D.check(NoRoute, 12, 1, 2, "run.yaml")
+        distributed.check(NoRoute, 12, 1, 2, "run.yaml")
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(BenchError, match="WORLD_SIZE='two' is not an integer"):
-        D.env_world()
+        distributed.env_world()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(BenchError, match=r"RANK=2 is not in \[0, WORLD_SIZE=2\)"):
-        D.env_world()
+        distributed.env_world()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(BenchError, match="MASTER_ADDR is not set; launch with torchrun"):
-        D.setup(torch.device("cpu"), "cpu")
+        distributed.setup(torch.device("cpu"), "cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    assert D.env_world() == (0, 1, 0)
+    assert distributed.env_world() == (0, 1, 0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench import results as R
+from bench import results
 from bench.method import METHODS, load_builtin_methods
 from bench.prepare import autocast_for, resolve_device
 from bench.train import run
@@ -29,11 +29,11 @@ def test_auto_picks_cuda_and_bf16():
 def test_every_method_trains_on_the_gpu_with_finite_loss(method, embedded_root, tmp_path):
     out = run(tiny_config(embedded_root, method=method, **{"train.device": "cuda"}), tmp_path / method,
               progress=False)
-    rows = R.read_rows(out / R.RESULTS)
+    rows = results.read_rows(out / results.RESULTS)
     losses = [r["value"] for r in rows if r["metric"] == "loss"]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert any(r["metric"] == "peak_mem_mb" and r["value"] > 0 for r in rows)
-    state = torch.load(out / R.FINAL, map_location="cpu")["method"]
+    state = torch.load(out / results.FINAL, map_location="cpu")["method"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
@@ -42,8 +42,8 @@ def test_resume_on_the_gpu_equals_an_unbroken_run(embedded_root, tmp_path):
     unbroken = run(cfg, tmp_path / "a", progress=False)
     broken = run(cfg, tmp_path / "b", progress=False, stop_after=4)
     run(cfg, broken, progress=False)
-    a = torch.load(unbroken / R.FINAL, map_location="cpu")["method"]
-    b = torch.load(broken / R.FINAL, map_location="cpu")["method"]
+    a = torch.load(unbroken / results.FINAL, map_location="cpu")["method"]
+    b = torch.load(broken / results.FINAL, map_location="cpu")["method"]
     for k in a:  # CUDA kernels may differ in the last bits between runs; the run itself must not
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
@@ -54,7 +54,7 @@ def test_bf16_and_fp32_runs_agree_at_step_zero(embedded_root, tmp_path):
                tmp_path / "fp32", progress=False)
     bf16 = run(tiny_config(embedded_root, method="zeroshot", **{"train.device": "cuda", "train.precision": "bf16"}),
                tmp_path / "bf16", progress=False)
-    acc = lambda d: {(r["role"], r["domain"]): r["value"] for r in R.read_rows(d / R.RESULTS) if r["metric"] == "acc"}
+    acc = lambda d: {(r["role"], r["domain"]): r["value"] for r in results.read_rows(d / results.RESULTS) if r["metric"] == "acc"}
     a, b = acc(fp32), acc(bf16)
     assert a.keys() == b.keys()
     assert max(abs(a[k] - b[k]) for k in a) <= 0.1

@@ -12,8 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from bench import config as C
-from bench import results as R
+from bench import config
+from bench import results
 from bench.data import build_task, check_counts, load_card, scan_domain
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate, predict_classes
@@ -268,13 +268,13 @@ def test_zeroshot_run_end_to_end(fake, tmp_path):
     from bench.train import run
 
     root, card = fake
-    cfg = C.from_dict(C.RunConfig, {
+    cfg = config.from_dict(config.RunConfig, {
         "method": "zeroshot", "model": {"name": "TinyCLIP-32", "pretrained": None},
         "data": {"dataset": card.source, "root": str(root), "test_domains": list(SHIFTS), "holdout_fraction": 0.2},
         "train": {"eval_batch_size": 8, "device": "cpu"}}, "test")
     out = run(cfg, tmp_path / "run", progress=False)
-    assert (out / R.DONE).is_file()
-    rows = [r for r in R.read_rows(out / R.RESULTS) if r["metric"] == "acc"]
+    assert (out / results.DONE).is_file()
+    rows = [r for r in results.read_rows(out / results.RESULTS) if r["metric"] == "acc"]
     got = {(r["role"], r["domain"]): r["n"] for r in rows}
     assert got == {("id_val", "imagenet"): 4, ("id_test", "imagenet_val"): 10, ("ood", "imagenet_v2"): 10,
                    ("ood", "imagenet_r"): 6, ("ood", "imagenet_sketch"): 10, ("ood", "imagenet_a"): 6,

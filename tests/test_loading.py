@@ -2,7 +2,7 @@
 arrive, never which: results equal those of loading in the main process."""
 import torch
 
-from bench import results as R
+from bench import results
 from bench.data import build_task, load_card
 from bench.evaluate import EvalData
 from bench.models import load_clip
@@ -38,9 +38,9 @@ def test_a_run_with_loader_workers_equals_one_without(embedded_root, tmp_path):
     plain = run(tiny_config(embedded_root), tmp_path / "a", progress=False)
     workers = run(tiny_config(embedded_root, **{"train.num_workers": 2, "train.prefetch_factor": 3}), tmp_path / "b",
                   progress=False)
-    acc = lambda d: [(r["step"], r["role"], r["domain"], r["value"]) for r in R.read_rows(d / R.RESULTS)
+    acc = lambda d: [(r["step"], r["role"], r["domain"], r["value"]) for r in results.read_rows(d / results.RESULTS)
                      if r["metric"] == "acc"]
     assert acc(plain) == acc(workers)
-    a, b = (torch.load(d / R.FINAL)["method"] for d in (plain, workers))
+    a, b = (torch.load(d / results.FINAL)["method"] for d in (plain, workers))
     for k in a:
         assert torch.equal(a[k], b[k]), k

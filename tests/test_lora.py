@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import results as R
+from bench import results
 from bench.errors import BenchError
 from bench.method import resolve_hparams
 from bench.train import run
@@ -146,8 +146,8 @@ def test_a_run_resumes_exactly_and_wise_ends_are_exact(embedded_root, tmp_path):
     a = run(cfg, tmp_path / "a", progress=False)
     b = run(cfg, tmp_path / "b", progress=False, stop_after=4)
     run(cfg, b, progress=False)
-    wa, wb = torch.load(a / R.FINAL)["method"], torch.load(b / R.FINAL)["method"]
+    wa, wb = torch.load(a / results.FINAL)["method"], torch.load(b / results.FINAL)["method"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(".A." in k or ".B." in k for k in wa) and any(wa[k].abs().sum() > 0 for k in wa if ".B." in k)
     zs = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
-    assert_wise_ends(R.read_rows(a / R.RESULTS), zs)
+    assert_wise_ends(results.read_rows(a / results.RESULTS), zs)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from bench import results as R
+from bench import results
 from bench.method import METHODS, Method
 from bench.train import make_optimizer, run, train_step
 from tests.conftest import tiny_config
@@ -141,7 +141,7 @@ def test_carot_terms_by_hand():
 
 # ---- the hooks in the trainer: resume with an EMA teacher and a custom optimizer --------------------------------
 def final_weights(out):
-    return torch.load(out / R.FINAL)["method"]
+    return torch.load(out / results.FINAL)["method"]
 
 
 def test_resume_restores_the_ema_teacher_and_the_custom_optimizer(embedded_root, tmp_path, monkeypatch):
@@ -150,7 +150,7 @@ def test_resume_restores_the_ema_teacher_and_the_custom_optimizer(embedded_root,
     for name, cfg in [("carot", carot), ("spd", spd)]:
         a = run(cfg, tmp_path / f"{name}-a", progress=False)
         b = run(cfg, tmp_path / f"{name}-b", progress=False, stop_after=3)
-        ckpt = torch.load(b / R.CHECKPOINT)
+        ckpt = torch.load(b / results.CHECKPOINT)
         extra = ckpt["method_extra"]
         assert (extra and all(k.startswith("teacher.") for k in extra)) if name == "carot" else extra == {}
         assert ckpt["optimizer"]["state"]  # Adam's moments (AdamSPD's for spd)

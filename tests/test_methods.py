@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from bench import results as R
+from bench import results
 from bench.data import build_task, load_card
 from bench.losses import contrastive_loss, interpolate, kl_divergence
 from bench.method import METHODS, Method, build_method, load_builtin_methods
@@ -90,7 +90,7 @@ def test_resume_gives_the_same_weights_as_an_unbroken_run(embedded_root, tmp_pat
     a = run(cfg, tmp_path / "a", progress=False)
     b = run(cfg, tmp_path / "b", progress=False, stop_after=4)
     run(cfg, b, progress=False)
-    wa, wb = torch.load(a / R.FINAL)["method"], torch.load(b / R.FINAL)["method"]
+    wa, wb = torch.load(a / results.FINAL)["method"], torch.load(b / results.FINAL)["method"]
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -153,7 +153,7 @@ def accs(rows):
 
 def assert_wise_ends(rows, zeroshot_dir):
     """A run's wise:0 rows are the zero-shot run's, its wise:1 rows its own last step's."""
-    assert accs(r for r in rows if r.get("variant") == "wise:0") == accs(R.read_rows(zeroshot_dir / R.RESULTS))
+    assert accs(r for r in rows if r.get("variant") == "wise:0") == accs(results.read_rows(zeroshot_dir / results.RESULTS))
     last = max(r["step"] for r in rows)
     assert accs(r for r in rows if r.get("variant") == "wise:1") == accs(
         r for r in rows if "variant" not in r and r["step"] == last)
@@ -162,14 +162,14 @@ def assert_wise_ends(rows, zeroshot_dir):
 def test_posthoc_wise_variants_reproduce_zeroshot_and_finetuned_rows(embedded_root, tmp_path):
     zs = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
     ft = run(tiny_config(embedded_root, method="flyp", wise_alphas=[0.0, 0.5, 1.0]), tmp_path / "ft", progress=False)
-    rows = R.read_rows(ft / R.RESULTS)
+    rows = results.read_rows(ft / results.RESULTS)
     assert_wise_ends(rows, zs)
     # the same variants again, post hoc from the saved weights, with no retraining
     from bench.wise import posthoc
 
     before = accs(r for r in rows if r.get("variant") == "wise:0.5")
     posthoc(ft, [0.5])
-    after = R.read_rows(ft / R.RESULTS)
+    after = results.read_rows(ft / results.RESULTS)
     assert accs(r for r in after if r.get("variant") == "wise:0.5") == before
     assert len(after) == len(rows)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import collect as K
+from bench import collect
+from bench.errors import BenchError
 from bench.cli import main
 from bench.plot import plot, points
 
@@ -16,7 +17,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "runs"
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("plot") / "runs"
     shutil.copytree(FIXTURE, root)
-    return K.load(root, cache=False)
+    return collect.load(root, cache=False)
 
 
 def test_points_hold_methods_zero_shot_and_the_wise_curve(coll):
@@ -43,7 +44,7 @@ def test_plot_writes_png_and_pdf(coll, tmp_path):
 
 
 def test_plot_with_nothing_to_draw_says_why(coll, tmp_path):
-    with pytest.raises(K.BenchError, match="see `bench table --selection lodo`"):
+    with pytest.raises(BenchError, match="see `bench table --selection lodo`"):
         plot(coll, tmp_path / "x", "lodo", datasets=["imagenet"])
 
 
@@ -56,8 +57,8 @@ def test_cli_plot_and_export_best(coll, tmp_path, capsys):
     assert {b["row"] for b in best} == {"zeroshot", "erm", "erm+wise:0", "erm+wise:0.5", "erm+wise:1"}
     assert all(b["selection"] == "oracle" and b["dataset"] == "embedded" for b in best)
     for b in best:  # each selected job's config, ready for `bench run`
-        from bench import config as C
+        from bench import config
 
-        cfg = C.load_run_config(tmp_path / "configs" / f"{b['job_id']}.yaml")
+        cfg = config.load_run_config(tmp_path / "configs" / f"{b['job_id']}.yaml")
         assert list(cfg.data.test_domains) == b["test_domains"] and cfg.trial_seed == b["trial_seed"]
         assert b["rerun"].startswith("bench run ")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import results as R
+from bench import results
 from bench.errors import BenchError
 from bench.method import METHODS, load_plugin, resolve_hparams
 from bench.train import run
@@ -32,10 +32,10 @@ def plugin_file(tmp_path):
 def test_the_documented_example_runs_end_to_end(plugin_file, embedded_root, tmp_path):
     cfg = tiny_config(embedded_root, method="my_l2sp", plugins=[str(plugin_file)], hparams={"alpha": 0.5})
     out = run(cfg, tmp_path / "run", progress=False)
-    rows = R.read_rows(out / R.RESULTS)
-    assert (out / R.DONE).is_file() and any(r["metric"] == "penalty" and r["value"] > 0 for r in rows)
-    assert torch.load(out / R.FINAL)["method"].keys() >= {"head.weight"}
-    assert json.loads((out / R.CONFIG).read_text())["baseline"] is None  # extends ERM: not a baseline itself
+    rows = results.read_rows(out / results.RESULTS)
+    assert (out / results.DONE).is_file() and any(r["metric"] == "penalty" and r["value"] > 0 for r in rows)
+    assert torch.load(out / results.FINAL)["method"].keys() >= {"head.weight"}
+    assert json.loads((out / results.CONFIG).read_text())["baseline"] is None  # extends ERM: not a baseline itself
 
 
 def test_cli_lists_a_plugin_method(plugin_file):
@@ -81,13 +81,13 @@ def test_the_documented_hook_examples_run_and_resume(name, embedded_root, tmp_pa
         cfg = tiny_config(embedded_root, method=name, plugins=[str(path)])
         a = run(cfg, tmp_path / "a", progress=False)
         b = run(cfg, tmp_path / "b", progress=False, stop_after=3)
-        ckpt = torch.load(b / R.CHECKPOINT)
+        ckpt = torch.load(b / results.CHECKPOINT)
         if name == "erm_ema_teacher":
             assert ckpt["method_extra"] and all(k.startswith("teacher.") for k in ckpt["method_extra"])
         else:  # the method's two groups, the head's without decay
             assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [cfg.train.weight_decay, 0.0]
         run(cfg, b, progress=False)
-        wa, wb = torch.load(a / R.FINAL)["method"], torch.load(b / R.FINAL)["method"]
+        wa, wb = torch.load(a / results.FINAL)["method"], torch.load(b / results.FINAL)["method"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     finally:
         METHODS.unregister(name)
@@ -105,9 +105,9 @@ def test_the_documented_evaluating_example_runs(embedded_root, tmp_path):
     try:
         cfg = tiny_config(embedded_root, method="text_head_ce", plugins=[str(path)])
         out = run(cfg, tmp_path / "run", progress=False)
-        acc = {r["step"]: r["value"] for r in R.read_rows(out / R.RESULTS)
+        acc = {r["step"]: r["value"] for r in results.read_rows(out / results.RESULTS)
                if r["metric"] == "acc" and r["role"] == "id_val"}
-        assert (out / R.DONE).is_file() and len(acc) >= 2
+        assert (out / results.DONE).is_file() and len(acc) >= 2
     finally:
         METHODS.unregister("text_head_ce")
         for module in [m for m in sys.modules if m.startswith("rft_bench_plugin_text_head_ce")]:

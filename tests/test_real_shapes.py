@@ -10,8 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from bench import collect as K
-from bench import tables as T
+from bench import collect
+from bench import tables
 from bench.cli import main
 from bench.data import load_card
 from bench.method import METHODS, load_builtin_methods
@@ -66,8 +66,8 @@ def test_every_method_runs_at_vit_b16_shapes_to_the_table(tmp_path):
         rows = [json.loads(line) for line in (p.parent / "results.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in rows) == (2 if METHODS.get(record["config"]["method"]).trains else 0)
 
-    report = T.build(K.load(tmp_path / "runs"), "id,ood_avg")
-    text = T.render(report, "markdown")
+    report = tables.build(collect.load(tmp_path / "runs"), "id,ood_avg")
+    text = tables.render(report, "markdown")
     sec = report.sections[0]
     assert {m for m, _ in sec.cells} == set(methods), text
     for m in methods:

@@ -18,10 +18,10 @@ import math
 from pathlib import Path
 
 
-from bench import collect as K
-from bench import tables as T
+from bench import collect
+from bench import tables
 from bench.cli import main
-from bench import sweep as S
+from bench import sweep as sweeps
 from bench.data import IMAGE_SUFFIXES, load_card
 from bench.zeroshot_suite import resolve_suite
 from tests.coop_fixture import make_coop_fixture
@@ -80,8 +80,8 @@ def test_domainbed_b2n_sweep_every_method_arf_included_has_id_ood_and_zero_shot(
     capsys.readouterr()
 
     methods = ["zeroshot", "erm", "lp_ft", "wise_ft", "flyp", "car_ft", "lipsum_ft", "arf"]
-    assert set(S.load_sweep(path).methods) == set(methods)  # the shipped file's methods, every one run here
-    report = T.build(K.load(out), "id,ood_avg,zs_avg,hm")
+    assert set(sweeps.load_sweep(path).methods) == set(methods)  # the shipped file's methods, every one run here
+    report = tables.build(collect.load(out), "id,ood_avg,zs_avg,hm")
     cells = filled(report, lambda cols: cols)
     for m in methods:
         got = {c.split("@")[0]: v for c, v in cells[m].items()}
@@ -110,12 +110,12 @@ def test_imagenet_sweep_every_method_arf_included_has_id_ood_and_cross_dataset_z
     sweep(SWEEPS / "imagenet.yaml", ["trial_seed=0"], sets)
     capsys.readouterr()
 
-    report = T.build(K.load(out), "id,ood_avg5,xd_avg")
+    report = tables.build(collect.load(out), "id,ood_avg5,xd_avg")
     cells = filled(report, lambda cols: cols)
-    methods = S.load_sweep(SWEEPS / "imagenet.yaml").methods
+    methods = sweeps.load_sweep(SWEEPS / "imagenet.yaml").methods
     assert "arf" in methods
     for m in methods:
         got = {c.split("@")[0]: v for c, v in cells[m].items()}
         assert set(got) == {"id", "ood_avg5", "xd_avg"} and all(math.isfinite(v) for v in got.values()), m
-    per_set = T.build(K.load(out), "xd")
+    per_set = tables.build(collect.load(out), "xd")
     assert {c.split("@")[0] for c in per_set.sections[0].columns} >= {f"xd:{n}" for n in suite}

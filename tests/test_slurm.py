@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from bench import jobs as J
-from bench import results as R
-from bench import sweep as S
+from bench import jobs as job_states
+from bench import results
+from bench import sweep
 from bench.cli import main
 from bench.train import run
 from tests.test_sweep import acc_rows, one_thread, slow_plugin, sweep_yaml  # noqa: F401 (fixtures)
@@ -41,11 +41,11 @@ def slurm_cluster():
 def wait_for(jobs, states=("done", "failed"), timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        now = [J.job_state(j.run_dir) for j in jobs]
+        now = [job_states.job_state(j.run_dir) for j in jobs]
         if all(s in states for s in now):
             return now
         time.sleep(0.5)
-    logs = [J.read_json(j.run_dir / J.SUBMITTED).get("log") for j in jobs]
+    logs = [job_states.read_json(j.run_dir / job_states.SUBMITTED).get("log") for j in jobs]
     tails = [open(p).read()[-2000:] for p in logs if p and open(p)]
     squeue = subprocess.run(["squeue"], capture_output=True, text=True).stdout
     raise AssertionError(f"jobs not finished after {timeout} s: {now}\n{squeue}\n" + "\n".join(tails))
@@ -55,20 +55,20 @@ def test_a_sweep_through_slurm_equals_the_same_sweep_run_locally(slurm_cluster, 
     grid = dict(methods=["zeroshot", "erm"], test_domains=[["sketch"]])
     on_slurm = sweep_yaml(tmp_path / "a", embedded_root, launcher=SLURM, **grid)
     assert main(["sweep", str(on_slurm), "--no-progress"]) == 0  # returns once queued
-    jobs = S.expand(S.load_sweep(on_slurm), str(on_slurm))
-    submitted = [J.read_json(j.run_dir / J.SUBMITTED) for j in jobs]
+    jobs = sweep.expand(sweep.load_sweep(on_slurm), str(on_slurm))
+    submitted = [job_states.read_json(j.run_dir / job_states.SUBMITTED) for j in jobs]
     assert all(s["launcher"] == "slurm" and "_" in s["slurm_job_id"] for s in submitted)  # one array
     assert len({s["slurm_job_id"].split("_")[0] for s in submitted}) == 1
 
     local = sweep_yaml(tmp_path / "b", embedded_root, launcher={"kind": "local", "local": {"workers": 2, "threads": 1}}, **grid)
     assert main(["sweep", str(local), "--no-progress"]) == 0
     assert wait_for(jobs) == ["done"] * len(jobs)
-    local_jobs = S.expand(S.load_sweep(local), str(local))
+    local_jobs = sweep.expand(sweep.load_sweep(local), str(local))
     assert [j.job_id for j in local_jobs] == [j.job_id for j in jobs]
     for a, b in zip(jobs, local_jobs):
         assert acc_rows(a.run_dir) == acc_rows(b.run_dir) and acc_rows(a.run_dir)
     assert main(["sweep", str(on_slurm), "--no-progress"]) == 0  # all done: nothing is submitted again
-    assert [J.read_json(j.run_dir / J.SUBMITTED) for j in jobs] == submitted
+    assert [job_states.read_json(j.run_dir / job_states.SUBMITTED) for j in jobs] == submitted
 
 
 
@@ -81,14 +81,14 @@ def test_a_job_requeued_half_way_resumes_and_ends_as_an_unbroken_run(slurm_clust
     # (KillWait=2, then slurmstepd's own delays); with fewer steps the job could finish first (then the requeued
     # task finds it done and never resumes, which is right, but tests nothing).
     assert main(["sweep", str(path), "--no-progress"]) == 0
-    (job,) = S.expand(S.load_sweep(path), str(path))
-    slurm_id = J.read_json(job.run_dir / J.SUBMITTED)["slurm_job_id"]
+    (job,) = sweep.expand(sweep.load_sweep(path), str(path))
+    slurm_id = job_states.read_json(job.run_dir / job_states.SUBMITTED)["slurm_job_id"]
     deadline = time.time() + 120
     step = 0
     while time.time() < deadline and step < 8:
-        assert J.job_state(job.run_dir) != "done", "the job ended before it could be requeued"
+        assert job_states.job_state(job.run_dir) != "done", "the job ended before it could be requeued"
         try:
-            step = torch.load(job.run_dir / R.CHECKPOINT, weights_only=False)["step"]
+            step = torch.load(job.run_dir / results.CHECKPOINT, weights_only=False)["step"]
         except (OSError, RuntimeError, EOFError, KeyError):
             pass
         time.sleep(0.2)
@@ -103,12 +103,12 @@ def test_a_job_requeued_half_way_resumes_and_ends_as_an_unbroken_run(slurm_clust
             break
         time.sleep(0.5)
     assert wait_for([job], timeout=300) == ["done"]
-    log_text = open(J.read_json(job.run_dir / J.SUBMITTED)["log"]).read()
+    log_text = open(job_states.read_json(job.run_dir / job_states.SUBMITTED)["log"]).read()
     assert "resuming from step" in log_text, log_text[-3000:]
 
     monkeypatch.setenv("SLOW_ERM_SLEEP", "0")  # the reference need not take its time
     unbroken = run(job.cfg, tmp_path / "unbroken", progress=False)
     assert acc_rows(job.run_dir) == acc_rows(unbroken)
-    a = torch.load(job.run_dir / R.FINAL)["method"]
-    b = torch.load(unbroken / R.FINAL)["method"]
+    a = torch.load(job.run_dir / results.FINAL)["method"]
+    b = torch.load(unbroken / results.FINAL)["method"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

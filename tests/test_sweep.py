@@ -6,10 +6,10 @@ import time
 import pytest
 import yaml
 
-from bench import config as C
-from bench import jobs as J
-from bench import results as R
-from bench import sweep as S
+from bench import config
+from bench import jobs as job_states
+from bench import results
+from bench import sweep as sweeps
 from bench.cli import main
 from bench.errors import BenchError
 from bench.prepare import prepare
@@ -69,7 +69,7 @@ def slow_plugin(tmp_path_factory):
 
 
 def acc_rows(run_dir):
-    return [(r["step"], r["role"], r["domain"], r["value"]) for r in R.read_rows(run_dir / R.RESULTS)
+    return [(r["step"], r["role"], r["domain"], r["value"]) for r in results.read_rows(run_dir / results.RESULTS)
             if r["metric"] == "acc"]
 
 
@@ -90,32 +90,32 @@ def snapshot(folder):
 def test_pinned_job_ids(d, job_id):
     """Job ids name folders of finished results: they must never change by accident. If a change to what a job
     computes is deliberate, bump config.PROTOCOL_VERSION and update these pins."""
-    assert prepare(C.from_dict(C.RunConfig, d)).job_id == job_id
+    assert prepare(config.from_dict(config.RunConfig, d)).job_id == job_id
 
 
 def test_sweep_ids_are_prepare_ids_and_survive_config_json(embedded_root, tmp_path):
-    sw = S.load_sweep(sweep_yaml(tmp_path, embedded_root, search={"n_draws": 2, "space": {"train.lr": [
+    sw = sweeps.load_sweep(sweep_yaml(tmp_path, embedded_root, search={"n_draws": 2, "space": {"train.lr": [
         "log10_uniform", -4, -2]}}))
-    jobs = S.expand(sw, "s")
+    jobs = sweeps.expand(sw, "s")
     assert len(jobs) == 3  # zeroshot: one draw; erm: two
     for job in jobs:
         assert job.job_id == prepare(job.cfg).job_id
-        again = C.from_dict(C.RunConfig, json.loads(json.dumps(job.record))["config"])
+        again = config.from_dict(config.RunConfig, json.loads(json.dumps(job.record))["config"])
         assert prepare(again).job_id == job.job_id
         assert job.record["baseline"] == {"zeroshot": 0, "erm": 1}[job.cfg.method]  # recorded, not in the id
         assert job.run_dir == (tmp_path / "runs" / job.job_id)
         # The launcher's settings are not part of a job's identity.
-    sw2 = S.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", search={"n_draws": 2, "space": {"train.lr": [
+    sw2 = sweeps.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", search={"n_draws": 2, "space": {"train.lr": [
         "log10_uniform", -4, -2]}}, launcher={"kind": "slurm", "slurm": {"gpus": 4}}))
-    assert [j.job_id for j in S.expand(sw2, "s2")] == [j.job_id for j in jobs]
+    assert [j.job_id for j in sweeps.expand(sw2, "s2")] == [j.job_id for j in jobs]
 
 
 # ---- expansion and draws ------------------------------------------------------------------------
 def test_draws_depend_on_the_draw_and_the_name_only(embedded_root, tmp_path):
     space = {"train.lr": ["log10_uniform", -5, -3.5], "train.weight_decay": ["choice", [0.0, 0.01, 0.1]]}
-    sw = S.load_sweep(sweep_yaml(tmp_path, embedded_root, methods=["erm"], test_domains="all", trial_seeds=[0, 1],
+    sw = sweeps.load_sweep(sweep_yaml(tmp_path, embedded_root, methods=["erm"], test_domains="all", trial_seeds=[0, 1],
                                  search={"n_draws": 4, "draw_0": "defaults", "space": space}))
-    jobs = S.expand(sw, "s")
+    jobs = sweeps.expand(sw, "s")
     assert len(jobs) == 4 * 4 * 2
     by_draw = {}
     for j in jobs:
@@ -124,12 +124,12 @@ def test_draws_depend_on_the_draw_and_the_name_only(embedded_root, tmp_path):
     assert by_draw[0] == {(1e-3, 0.1)}  # draw 0: the configured values, explicitly
     lrs = [next(iter(by_draw[d]))[0] for d in (1, 2, 3)]
     assert len(set(lrs)) == 3 and all(1e-5 <= lr <= 10 ** -3.5 for lr in lrs)
-    assert lrs == [S.draw_value(space["train.lr"], d, "train.lr") for d in (1, 2, 3)]
+    assert lrs == [sweeps.draw_value(space["train.lr"], d, "train.lr") for d in (1, 2, 3)]
     # Adding a hyperparameter to the space never changes the draws of the others.
-    sw2 = S.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", methods=["erm"], search={
+    sw2 = sweeps.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", methods=["erm"], search={
         "n_draws": 4, "draw_0": "random", "space": {**space, "train.warmup_steps": ["int_uniform", 0, 5]}}))
-    lrs2 = {j.draw: j.cfg.train.lr for j in S.expand(sw2, "s2")}
-    assert [lrs2[d] for d in (1, 2, 3)] == lrs and lrs2[0] == S.draw_value(space["train.lr"], 0, "train.lr")
+    lrs2 = {j.draw: j.cfg.train.lr for j in sweeps.expand(sw2, "s2")}
+    assert [lrs2[d] for d in (1, 2, 3)] == lrs and lrs2[0] == sweeps.draw_value(space["train.lr"], 0, "train.lr")
 
 
 def test_method_spaces_overrides_pairs_and_dedup(embedded_root, tmp_path):
@@ -149,13 +149,13 @@ def test_method_spaces_overrides_pairs_and_dedup(embedded_root, tmp_path):
         "        self.train_only(self.model.visual)\n"
         "    def loss(self, batch):\n"
         "        return self.hparams.lam * F.cross_entropy(self.predict(batch['images']), batch['labels'])\n")
-    sw = S.load_sweep(sweep_yaml(
+    sw = sweeps.load_sweep(sweep_yaml(
         tmp_path, embedded_root, methods=["zeroshot", "toy_sweep", "erm"], plugins=[str(plugin)],
         test_domains="all", test_domain_pairs=True, search={"n_draws": 6, "draw_0": "random"},
         overrides={"datasets": {"embedded": {"train": {"steps": 4, "eval_every": 2}}},
                    "methods": {"erm": {"train": {"steps": 8}, "search": {"space": {
                        "hparams.label_smoothing": ["uniform", 0, 0.2]}}}}}))
-    jobs = S.expand(sw, "s")
+    jobs = sweeps.expand(sw, "s")
     sets = {j.cfg.data.test_domains for j in jobs}
     assert len(sets) == 4 + 6 and ("photo", "sketch") in sets
     toy = [j for j in jobs if j.cfg.method == "toy_sweep"]
@@ -166,7 +166,7 @@ def test_method_spaces_overrides_pairs_and_dedup(embedded_root, tmp_path):
     assert len(erm) == 10 * 6 and {j.cfg.train.steps for j in erm} == {8}  # the method override wins
     assert len([j for j in jobs if j.cfg.method == "zeroshot"]) == 10  # trains nothing: one draw
     assert len({j.job_id for j in jobs}) == len(jobs)
-    only = S.select(jobs, ["method=erm,toy_sweep", "test_domains=photo+sketch", "draw=1"], "s")
+    only = sweeps.select(jobs, ["method=erm,toy_sweep", "test_domains=photo+sketch", "draw=1"], "s")
     assert {(j.cfg.method, j.draw) for j in only} == {("erm", 1), ("toy_sweep", 1)}
 
 
@@ -192,8 +192,8 @@ def test_bad_sweep_one_line_and_nothing_touched(embedded_root, tmp_path, capsys,
     runs = tmp_path / "runs"
     existing = runs / "0123456789ab"
     existing.mkdir(parents=True)
-    (existing / R.CONFIG).write_text('{"job_id": "0123456789ab"}')
-    (existing / J.HEARTBEAT).write_text("{}")
+    (existing / results.CONFIG).write_text('{"job_id": "0123456789ab"}')
+    (existing / job_states.HEARTBEAT).write_text("{}")
     before = snapshot(runs)
     bad = dict(bad)
     only = bad.pop("only", None)
@@ -214,34 +214,34 @@ def test_bad_sweep_one_line_and_nothing_touched(embedded_root, tmp_path, capsys,
 # ---- job states -------------------------------------------------------------------------------------
 def test_job_states_from_files_alone(tmp_path):
     d = tmp_path / "job"
-    assert J.job_state(d) == "missing"
+    assert job_states.job_state(d) == "missing"
     d.mkdir()
-    assert J.job_state(d) == "missing"
-    J.mark_submitted(d, "local", **J.this_process())
-    assert J.job_state(d) == "submitted"
-    J.mark_submitted(d, "local", host=J._HOST, pid=2**22 + 7, start="1")  # its sweep is gone: it never starts
-    assert J.job_state(d) == "stale"
-    J.mark_submitted(d, "slurm", slurm_job_id="12_3")
-    assert J.job_state(d) == "submitted"
-    beat = J.Heartbeat(d, every=0.05).start()
-    assert J.job_state(d) == "running"
+    assert job_states.job_state(d) == "missing"
+    job_states.mark_submitted(d, "local", **job_states.this_process())
+    assert job_states.job_state(d) == "submitted"
+    job_states.mark_submitted(d, "local", host=job_states._HOST, pid=2**22 + 7, start="1")  # its sweep is gone: it never starts
+    assert job_states.job_state(d) == "stale"
+    job_states.mark_submitted(d, "slurm", slurm_job_id="12_3")
+    assert job_states.job_state(d) == "submitted"
+    beat = job_states.Heartbeat(d, every=0.05).start()
+    assert job_states.job_state(d) == "running"
     time.sleep(0.3)
-    assert time.time() - (d / J.HEARTBEAT).stat().st_mtime < 0.2  # touched while the job runs
+    assert time.time() - (d / job_states.HEARTBEAT).stat().st_mtime < 0.2  # touched while the job runs
     beat.stop()
     old = time.time() - 400
-    os.utime(d / J.HEARTBEAT, (old, old))
-    assert J.job_state(d) == "stale" and J.job_state(d, stale_after=1000) == "running"
+    os.utime(d / job_states.HEARTBEAT, (old, old))
+    assert job_states.job_state(d) == "stale" and job_states.job_state(d, stale_after=1000) == "running"
     # A process of this host that is gone is stale at once, whatever the heartbeat's age.
-    (d / J.HEARTBEAT).write_text(json.dumps({"host": J._HOST, "pid": 2**22 + 7, "start": "1"}))
-    assert J.job_state(d) == "stale"
-    (d / J.FAILED).write_text("Traceback ...")
-    assert J.job_state(d) == "failed"
-    J.mark_submitted(d, "local")  # a relaunch clears the last attempt's failure and heartbeat
-    assert J.job_state(d) == "submitted" and not (d / J.FAILED).exists()
-    (d / R.DONE).write_text("")
-    assert J.job_state(d) == "done"
-    assert J.states([d, tmp_path / "nope"]) == ["done", "missing"]
-    assert (J.DONE, J.CONFIG) == (R.DONE, R.CONFIG)
+    (d / job_states.HEARTBEAT).write_text(json.dumps({"host": job_states._HOST, "pid": 2**22 + 7, "start": "1"}))
+    assert job_states.job_state(d) == "stale"
+    (d / job_states.FAILED).write_text("Traceback ...")
+    assert job_states.job_state(d) == "failed"
+    job_states.mark_submitted(d, "local")  # a relaunch clears the last attempt's failure and heartbeat
+    assert job_states.job_state(d) == "submitted" and not (d / job_states.FAILED).exists()
+    (d / results.DONE).write_text("")
+    assert job_states.job_state(d) == "done"
+    assert job_states.states([d, tmp_path / "nope"]) == ["done", "missing"]
+    assert (job_states.DONE, job_states.CONFIG) == (results.DONE, results.CONFIG)
 
 
 def test_job_states_import_no_torch():
@@ -256,10 +256,10 @@ def test_job_states_import_no_torch():
 def test_a_failing_job_writes_its_traceback(embedded_root, tmp_path):
     d = tmp_path / "job"
     d.mkdir()
-    (d / R.CONFIG).write_text(json.dumps({"job_id": "x", "config": {"method": "erm", "train": {"lr": "oops"}}}))
+    (d / results.CONFIG).write_text(json.dumps({"job_id": "x", "config": {"method": "erm", "train": {"lr": "oops"}}}))
     with pytest.raises(Exception):
-        J.JobTask()(str(d))
-    assert J.job_state(d) == "failed" and "train.lr" in (d / J.FAILED).read_text()
+        job_states.JobTask()(str(d))
+    assert job_states.job_state(d) == "failed" and "train.lr" in (d / job_states.FAILED).read_text()
 
 
 # ---- launchers --------------------------------------------------------------------------------------
@@ -269,27 +269,27 @@ def test_debug_sweep_runs_what_is_missing_only(embedded_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing 2" in err and "to launch: 2" in err and not (tmp_path / "runs").exists()
     assert main(["sweep", str(path), "--no-progress"]) == 0
-    jobs = S.expand(S.load_sweep(path), str(path))
-    assert [J.job_state(j.run_dir) for j in jobs] == ["done", "done"]
-    record = json.loads((jobs[1].run_dir / R.CONFIG).read_text())
+    jobs = sweeps.expand(sweeps.load_sweep(path), str(path))
+    assert [job_states.job_state(j.run_dir) for j in jobs] == ["done", "done"]
+    record = json.loads((jobs[1].run_dir / results.CONFIG).read_text())
     assert record["sweep"] == {"name": "s", "draw": 0} and record["job_id"] == jobs[1].job_id
-    assert json.loads((jobs[1].run_dir / J.SUBMITTED).read_text())["launcher"] == "debug"
-    stamps = {j.job_id: (j.run_dir / R.DONE).stat().st_mtime_ns for j in jobs}
+    assert json.loads((jobs[1].run_dir / job_states.SUBMITTED).read_text())["launcher"] == "debug"
+    stamps = {j.job_id: (j.run_dir / results.DONE).stat().st_mtime_ns for j in jobs}
     capsys.readouterr()
     assert main(["sweep", str(path), "--no-progress"]) == 0  # again: nothing to launch
     assert "to launch: 0" in capsys.readouterr().err
-    assert {j.job_id: (j.run_dir / R.DONE).stat().st_mtime_ns for j in jobs} == stamps
+    assert {j.job_id: (j.run_dir / results.DONE).stat().st_mtime_ns for j in jobs} == stamps
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert "done 2" in out and "compute to launch (debug): 0 jobs" in out
     # A failed job is relaunched by --retry only.
-    (jobs[1].run_dir / R.DONE).unlink()
-    (jobs[1].run_dir / J.FAILED).write_text("Traceback\nRuntimeError: boom\n")
+    (jobs[1].run_dir / results.DONE).unlink()
+    (jobs[1].run_dir / job_states.FAILED).write_text("Traceback\nRuntimeError: boom\n")
     main(["status", str(path)])
     out = capsys.readouterr().out
     assert "failed 1" in out and "add --retry" in out and "RuntimeError: boom" in out
     assert main(["sweep", str(path), "--retry", "--no-progress", "--only", "method=erm"]) == 0
-    assert J.job_state(jobs[1].run_dir) == "done"
+    assert job_states.job_state(jobs[1].run_dir) == "done"
 
 
 def test_local_sweep_equals_in_process_runs(embedded_root, tmp_path, one_thread):
@@ -298,9 +298,9 @@ def test_local_sweep_equals_in_process_runs(embedded_root, tmp_path, one_thread)
     assert main(["sweep", str(path), "--no-progress"]) == 0
     from bench.train import run
 
-    for job in S.expand(S.load_sweep(path), str(path)):
-        assert J.job_state(job.run_dir) == "done"
-        assert json.loads((job.run_dir / J.SUBMITTED).read_text())["launcher"] == "local"
+    for job in sweeps.expand(sweeps.load_sweep(path), str(path)):
+        assert job_states.job_state(job.run_dir) == "done"
+        assert json.loads((job.run_dir / job_states.SUBMITTED).read_text())["launcher"] == "local"
         ref = run(job.cfg, tmp_path / "ref" / job.job_id, progress=False)
         assert acc_rows(job.run_dir) == acc_rows(ref)
 
@@ -309,17 +309,17 @@ def test_extends_merges_over_the_parent_and_refuses_cycles(embedded_root, tmp_pa
     parent = sweep_yaml(tmp_path, embedded_root, name="parent", trial_seeds=[0, 1])
     child = tmp_path / "child.yaml"
     child.write_text("extends: parent.yaml\nname: child\nbase: {train: {steps: 4}}\ntrial_seeds: [2]\n")
-    sw = S.load_sweep(child)
+    sw = sweeps.load_sweep(child)
     assert sw.name == "child" and sw.trial_seeds == (2,) and sw.methods == ("zeroshot", "erm")
     assert sw.base["train"] == {**TINY_TRAIN, "steps": 4} and sw.base["model"]["name"] == "TinyCLIP-32"
-    assert S.load_sweep(child, ["base.train.lr=0.5"]).base["train"]["lr"] == 0.5  # --set applies after the merge
+    assert sweeps.load_sweep(child, ["base.train.lr=0.5"]).base["train"]["lr"] == 0.5  # --set applies after the merge
     for text, pattern in [("extends: parent.yaml\nextends_typo: 1\n", "unknown key 'extends_typo'"),
                           ("extends: nowhere.yaml\n", "extends: .*nowhere.yaml not found"),
                           ("extends: child.yaml\n", "extends itself"),
                           ("extends: [parent.yaml]\n", "extends must name one sweep file")]:
         child.write_text(text)
         with pytest.raises(BenchError, match=pattern) as err:
-            S.load_sweep(child)
+            sweeps.load_sweep(child)
         assert "\n" not in str(err.value) and str(err.value).startswith(str(child))
     assert parent.is_file()
 
@@ -333,8 +333,8 @@ def test_shipped_sweeps_expand(name):
     path = Path(__file__).resolve().parent.parent / "sweeps" / f"{name}.yaml"
     if not path.is_file():
         pytest.skip(f"{path} is not shipped")
-    sw = S.load_sweep(path)
-    jobs = S.expand(sw, str(path), check_data=False)
+    sw = sweeps.load_sweep(path)
+    jobs = sweeps.expand(sw, str(path), check_data=False)
     per_method = {m: sum(j.cfg.method == m for j in jobs) for m in sw.methods}
     if name == "domainbed":  # DomainBed's protocol: 22 held-out domains x 20 draws x 3 trials, 5,000 steps
         assert sw.search.n_draws == 20 and sw.trial_seeds == (0, 1, 2) and sw.search.draw_0 == "defaults"
@@ -343,7 +343,7 @@ def test_shipped_sweeps_expand(name):
         assert {j.cfg.train.steps for j in jobs} == {5000}
         assert {(j.cfg.model.name, j.cfg.model.pretrained) for j in jobs} == {("ViT-B-16", "openai")}
     if name == "domainbed_b2n":  # domainbed.yaml with CoOp's base-to-novel class split, in its own folder
-        parent = S.expand(S.load_sweep(path.parent / "domainbed.yaml"), "domainbed", check_data=False)
+        parent = sweeps.expand(sweeps.load_sweep(path.parent / "domainbed.yaml"), "domainbed", check_data=False)
         assert sw.output == "runs/domainbed_b2n" and {j.cfg.data.classes for j in jobs} == {"base_to_novel"}
         assert sorted((j.cfg.method, j.cfg.data.dataset, j.cfg.data.test_domains, j.draw, j.cfg.trial_seed)
                       for j in jobs) == sorted((j.cfg.method, j.cfg.data.dataset, j.cfg.data.test_domains, j.draw,
@@ -352,7 +352,7 @@ def test_shipped_sweeps_expand(name):
     if name == "quickstart":
         assert sw.output == "runs/quickstart" and {j.cfg.data.dataset for j in jobs} == {"embedded"}
     if name == "embedded":  # leave-one-domain-out over the 4 domains, 3 trials, the quick start's runs but longer
-        quick = S.load_sweep(path.parent / "quickstart.yaml")
+        quick = sweeps.load_sweep(path.parent / "quickstart.yaml")
         assert {j.cfg.data.test_domains for j in jobs} == {("photo",), ("sketch",), ("cartoon",), ("painting",)}
         assert len(jobs) == len(sw.methods) * 4 * 3 and sw.methods[:len(quick.methods)] == quick.methods
         assert sw.methods[len(quick.methods):] == ("l2sp", "carot", "spd", "lora")  # issue 11's methods: embedded only
@@ -366,20 +366,20 @@ def test_shipped_sweeps_expand(name):
 def test_compute_estimate_times_jobs_by_their_finished_siblings_and_counts_every_gpu(embedded_root, tmp_path):
     """The dry run's estimate: the mean time per step of finished jobs of the same method and dataset, times the
     steps to launch; GPU-hours count gpus x nodes of each job (a 2-node job of 4 GPUs holds 8)."""
-    from bench import launch as L
+    from bench import launch
 
     path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], trial_seeds=[0, 1, 2],
                       launcher={"kind": "slurm", "slurm": {"gpus": 4, "nodes": 2}})
-    sweep = S.load_sweep(path)
-    jobs = S.expand(sweep, str(path))
+    sweep = sweeps.load_sweep(path)
+    jobs = sweeps.expand(sweep, str(path))
     done = jobs[0]
     done.run_dir.mkdir(parents=True)
-    (done.run_dir / J.HEARTBEAT).write_text(json.dumps({"time": time.time() - 600}))
-    (done.run_dir / R.DONE).write_text("")
-    plan = L.make_plan(jobs)
-    text = L.status_text(str(path), sweep, plan, "slurm")
+    (done.run_dir / job_states.HEARTBEAT).write_text(json.dumps({"time": time.time() - 600}))
+    (done.run_dir / results.DONE).write_text("")
+    plan = launch.make_plan(jobs)
+    text = launch.status_text(str(path), sweep, plan, "slurm")
     line = next(ln for ln in text.splitlines() if "compute to launch" in ln)
     seconds = 2 * 600  # two jobs left, each as long as the finished one (same steps)
     assert f"2 jobs, {2 * done.steps:,} training steps" in line, line
     assert f"~{seconds * 8 / 3600:,.1f} GPU-h" in line and "timed on 1 finished job" in line, line
-    assert "GPU-h" not in L.status_text(str(path), sweep, plan, "local")
+    assert "GPU-h" not in launch.status_text(str(path), sweep, plan, "local")

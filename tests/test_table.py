@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import collect as K
-from bench import tables as T
+from bench import collect
+from bench.errors import BenchError
+from bench import tables
 from bench.cli import main
 from tests.test_collect import FAILED, RUNNING
 
@@ -30,12 +31,12 @@ RULES = ["train_val", "lodo", "oracle"]
 def coll(tmp_path_factory):
     """The fixture sweep, loaded once from a copy at ./runs (notes name relative paths)."""
     root = tmp_path_factory.mktemp("table")
-    shutil.copytree(K.__file__ and Path(__file__).parent / "fixtures" / "runs", root / "runs")
+    shutil.copytree(collect.__file__ and Path(__file__).parent / "fixtures" / "runs", root / "runs")
     (root / "runs" / RUNNING / "heartbeat").touch()
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        yield K.load(Path("runs"), cache=False)
+        yield collect.load(Path("runs"), cache=False)
     finally:
         os.chdir(cwd)
 
@@ -47,12 +48,12 @@ def report(coll, metric, rule, cost=False):
     """Built once per test module (and checked: every empty cell carries a note)."""
     key = (metric, rule, cost)
     if key not in _REPORTS:
-        rep = T.build(coll, metric, rule, cost=cost)
+        rep = tables.build(coll, metric, rule, cost=cost)
         for sec in rep.sections:
             for (row, col), cell in sec.cells.items():
                 assert cell.mean is not None or cell.notes, (rule, metric, row, col)
         for fmt in EXT:
-            text = T.render(rep, fmt)
+            text = tables.render(rep, fmt)
             assert "KeyError" not in text and not re.search(r"(^|[|&,])\s*X\s*($|[|&,\\])", text, re.M)
         _REPORTS[key] = rep
     return _REPORTS[key]
@@ -71,14 +72,14 @@ def check_golden(name: str, text: str) -> None:
 @pytest.mark.parametrize("rule", RULES)
 def test_golden_tables(coll, rule, fmt):
     """The main table (ood_avg, costs) in every format for every rule."""
-    check_golden(f"{rule}.ood_avg.{EXT[fmt]}", T.render(report(coll, "ood_avg", rule, cost=True), fmt))
+    check_golden(f"{rule}.ood_avg.{EXT[fmt]}", tables.render(report(coll, "ood_avg", rule, cost=True), fmt))
 
 
 @pytest.mark.parametrize("metric", ["ood", "id", "zs_avg"])
 @pytest.mark.parametrize("rule", RULES)
 def test_golden_metric_tables(coll, rule, metric):
     """Per held-out domain (one table per dataset, ImageNet-style averages), ID and zero-shot, as markdown."""
-    check_golden(f"{rule}.{metric}.md", T.render(report(coll, metric, rule), "markdown"))
+    check_golden(f"{rule}.{metric}.md", tables.render(report(coll, metric, rule), "markdown"))
 
 
 @pytest.mark.parametrize("metric", ["ood_avg4", "ood_avg5", "ood:sketch"])
@@ -98,38 +99,38 @@ def test_known_values_in_the_golden_table(coll):
     # SE = population std 0.08 / sqrt(2) = 0.057 (DomainBed's format_mean)
     zs = emb.cells[("zeroshot", "ood:sketch")]
     assert (round(100 * zs.mean, 3), round(100 * zs.se, 3), zs.n) == (62.85, 0.057, 2)
-    assert "62.9 ± 0.1" in T.render(rep, "markdown")
+    assert "62.9 ± 0.1" in tables.render(rep, "markdown")
     # ImageNet-style: erm seed 1 has no ObjectNet rows, so Avg (5) has one seed and Avg (4) two
     assert imn.cells[("erm", "ood_avg5")].n == 1 and imn.cells[("erm", "ood_avg4")].n == 2
     assert imn.headers["ood_avg4"] == "Avg (4)" and list(imn.columns[:5]) == [
-        f"ood:{d}" for d in K.SHIFT_SUITES["imagenet"]["sets"]]
+        f"ood:{d}" for d in collect.SHIFT_SUITES["imagenet"]["sets"]]
 
 
 def test_notes_name_jobs_not_done_and_their_states(coll):
-    text = T.render(report(coll, "ood_avg", "train_val", cost=True), "markdown")
+    text = tables.render(report(coll, "ood_avg", "train_val", cost=True), "markdown")
     assert f"job {FAILED} failed" in text and f"job {RUNNING} running" in text
     assert "0000submitted: submitted, no config.json yet" in text
     assert "runs/13081f729d27/results.jsonl:6" in text  # the corrupt line, in the footer too
     assert "repeated result rows (requeued jobs) counted once" in text
-    lodo = T.render(report(coll, "ood_avg", "lodo", cost=True), "markdown")
+    lodo = tables.render(report(coll, "ood_avg", "lodo", cost=True), "markdown")
     assert "missing painting+sketch (no job folder)" in lodo  # the zeroshot pair run never written
     assert "no runs hold out one domain more" in lodo  # imagenet has no pair runs
     assert "Selection: lodo, leave-one-domain-out" in lodo
 
 
 def test_csv_and_json_are_tidy(coll):
-    rep = T.build(coll, "ood", "oracle", cost=True)
-    rows = list(csv.DictReader(io.StringIO(T.to_csv(rep))))
+    rep = tables.build(coll, "ood", "oracle", cost=True)
+    rows = list(csv.DictReader(io.StringIO(tables.to_csv(rep))))
     assert {r["selection"] for r in rows} == {"oracle"} and {r["table"] for r in rows} == {"embedded", "imagenet"}
     cell = next(r for r in rows if r["table"] == "embedded" and r["row"] == "erm" and r["column"] == "photo")
     assert float(cell["mean"]) > 0 and int(cell["n"]) == 2
-    data = json.loads(T.to_json(rep))
+    data = json.loads(tables.to_json(rep))
     assert data["selection"] == "oracle" and len(data["cells"]) == len(rows)
     assert all(n in data["notes"] for c in data["cells"] for n in c["notes"])
 
 
 def test_latex_escapes_and_uses_booktabs(coll):
-    tex = T.render(T.build(coll, "ood", "train_val", cost=True), "latex")
+    tex = tables.render(tables.build(coll, "ood", "train_val", cost=True), "latex")
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert "imagenet\\_v2" in tex and "20 \\%" in tex and "±" not in tex
     body = tex.replace("\\\\", "").replace("\\_", "").replace("\\%", "").replace("\\&", "")
@@ -139,7 +140,7 @@ def test_latex_escapes_and_uses_booktabs(coll):
 @pytest.mark.skipif(not shutil.which("pdflatex"), reason="pdflatex not installed")
 def test_latex_compiles(coll, tmp_path):
     doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage[margin=1cm,landscape]{geometry}\n"
-           "\\begin{document}\n" + T.render(T.build(coll, "ood", "lodo", cost=True), "latex") + "\\end{document}\n")
+           "\\begin{document}\n" + tables.render(tables.build(coll, "ood", "lodo", cost=True), "latex") + "\\end{document}\n")
     (tmp_path / "t.tex").write_text(doc)
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
@@ -147,16 +148,16 @@ def test_latex_compiles(coll, tmp_path):
 
 
 def test_rows_and_datasets_filters(coll):
-    rep = T.build(coll, "ood_avg", "train_val", datasets=["embedded"], rows=["erm*"])
+    rep = tables.build(coll, "ood_avg", "train_val", datasets=["embedded"], rows=["erm*"])
     sec = rep.sections[0]
     assert sec.columns == ["embedded"] and sec.rows == ["erm", "erm+wise:0", "erm+wise:0.5", "erm+wise:1"]
 
 
 def test_unknown_metric_or_rule_lists_the_choices(coll):
-    with pytest.raises(K.BenchError, match="choose one of id, id_test, ood_avg, ood, zs_avg, hm, xd, xd_avg, ood_avg4, ood_avg5"):
-        T.build(coll, "oood", "train_val")
-    with pytest.raises(K.BenchError, match="choose one of train_val, lodo, oracle"):
-        T.build(coll, "ood_avg", "best")
+    with pytest.raises(BenchError, match="choose one of id, id_test, ood_avg, ood, zs_avg, hm, xd, xd_avg, ood_avg4, ood_avg5"):
+        tables.build(coll, "oood", "train_val")
+    with pytest.raises(BenchError, match="choose one of train_val, lodo, oracle"):
+        tables.build(coll, "ood_avg", "best")
 
 
 def run_cli(args, capsys):
@@ -216,13 +217,13 @@ def test_several_metrics_side_by_side_equal_their_own_tables(coll, rule):
             for ds in datasets:
                 a, b = sec.cells[(row, f"{m}@{ds}")], single.cells[(row, ds)]
                 assert (a.mean, a.se, a.n) == (b.mean, b.se, b.n), (m, row, ds)
-    one = T.build(coll, "id,ood_avg,zs_avg", rule, datasets=["embedded"]).sections[0]
+    one = tables.build(coll, "id,ood_avg,zs_avg", rule, datasets=["embedded"]).sections[0]
     assert [one.headers[c] for c in one.columns] == ["ID", "OOD avg", "zero-shot"]
 
 
 @pytest.mark.parametrize("metric, pattern", [("id,oops", "unknown metric 'oops'"), ("ood,id", "cannot be combined"),
                                              ("id,id", "names a metric twice")])
 def test_bad_metric_lists_are_one_line(metric, pattern):
-    with pytest.raises(K.BenchError, match=pattern) as err:
-        K.check_metric(metric)
+    with pytest.raises(BenchError, match=pattern) as err:
+        collect.check_metric(metric)
     assert "\n" not in str(err.value)

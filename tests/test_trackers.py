@@ -5,9 +5,9 @@ import types
 
 import pytest
 
-from bench import config as C
-from bench import results as R
-from bench import trackers as T
+from bench import config
+from bench import results
+from bench import trackers
 from bench.errors import BenchError
 from bench.prepare import prepare
 from bench.train import run
@@ -25,7 +25,7 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 
 def expected_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list] = {}
-    for name, value, step in T.scalars(R.read_rows(run_dir / R.RESULTS)):
+    for name, value, step in trackers.scalars(results.read_rows(run_dir / results.RESULTS)):
         out.setdefault(name, []).append((step, value))
     return out
 
@@ -79,7 +79,7 @@ def test_bad_tracker_settings_fail_at_load(embedded_root, key, value, match):
 
 
 def test_a_missing_package_is_one_line_naming_the_pip_install(embedded_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_installed", lambda module: module != "wandb")
+    monkeypatch.setattr(trackers, "_installed", lambda module: module != "wandb")
     cfg = tiny_config(embedded_root, **{"trackers.use": ["wandb"]})
     with pytest.raises(BenchError, match=r"^config: trackers.use: wandb needs the wandb package, which is not "
                                          r"installed; pip install wandb") as err:
@@ -108,7 +108,7 @@ class FakeWandb:
 def test_wandb_logs_every_row_offline_when_the_server_does_not_answer(embedded_root, tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake.module)
-    monkeypatch.setattr(T, "_installed", lambda module: True)
+    monkeypatch.setattr(trackers, "_installed", lambda module: True)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing answers
     out = run(tiny_config(embedded_root, **{"trackers.use": ["wandb"]}), tmp_path / "r", progress=False)
@@ -125,9 +125,9 @@ def test_wandb_logs_every_row_offline_when_the_server_does_not_answer(embedded_r
 
 def test_wandb_mode_env_and_setting_win_over_the_probe(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert T.wandb_mode(C.TrackersConfig(wandb_mode="online")) is None  # wandb reads WANDB_MODE itself
+    assert trackers.wandb_mode(config.TrackersConfig(wandb_mode="online")) is None  # wandb reads WANDB_MODE itself
     monkeypatch.delenv("WANDB_MODE")
-    assert T.wandb_mode(C.TrackersConfig(wandb_mode="offline")) == "offline"
+    assert trackers.wandb_mode(config.TrackersConfig(wandb_mode="offline")) == "offline"
 
 
 def test_scalar_names_skip_empty_parts_and_non_numbers():
@@ -139,5 +139,5 @@ def test_scalar_names_skip_empty_parts_and_non_numbers():
             {"step": 2, "role": "ood", "domain": "sketch", "split": "in", "metric": "rel_bins", "value": 15, "n": 9,
              "bins": "..."},  # a reliability histogram, not a scalar
             {"step": 2, "role": "id_val", "domain": None, "split": None, "metric": "temperature", "value": 1.5}]
-    assert T.scalars(rows) == [("train/loss", 0.5, 2), ("wise:0.5/ood/acc/sketch/in", 1.0, 2),
+    assert trackers.scalars(rows) == [("train/loss", 0.5, 2), ("wise:0.5/ood/acc/sketch/in", 1.0, 2),
                                ("id_val/temperature", 1.5, 2)]

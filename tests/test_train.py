@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from bench import results as R
+from bench import results
 from bench.data import build_task, load_card
 from bench.prepare import prepare
 from bench.train import run
@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 
 
 def acc_rows(run_dir):
-    return [(r["step"], r["role"], r["domain"], r["value"]) for r in R.read_rows(run_dir / R.RESULTS)
+    return [(r["step"], r["role"], r["domain"], r["value"]) for r in results.read_rows(run_dir / results.RESULTS)
             if r["metric"] == "acc"]
 
 
@@ -41,7 +41,7 @@ def test_zeroshot_run_evaluates_once_and_equals_erm_at_step_zero(embedded_root, 
     zs = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
     erm = run(tiny_config(embedded_root), tmp_path / "erm", progress=False)
     zs_rows = acc_rows(zs)
-    assert {r[0] for r in zs_rows} == {0} and (zs / R.DONE).is_file()
+    assert {r[0] for r in zs_rows} == {0} and (zs / results.DONE).is_file()
     assert zs_rows == [r for r in acc_rows(erm) if r[0] == 0]
     assert {r[0] for r in acc_rows(erm)} == {0, 3, 6}
 
@@ -50,10 +50,10 @@ def test_resumed_run_equals_unbroken_run(embedded_root, tmp_path):
     cfg = tiny_config(embedded_root)
     unbroken = run(cfg, tmp_path / "a", progress=False)
     broken = run(cfg, tmp_path / "b", progress=False, stop_after=4)  # "crash" after step 4 (checkpoint at 4)
-    assert not (broken / R.DONE).is_file() and (broken / R.CHECKPOINT).is_file()
+    assert not (broken / results.DONE).is_file() and (broken / results.CHECKPOINT).is_file()
     run(cfg, broken, progress=False)
-    a = torch.load(unbroken / R.FINAL)["method"]
-    b = torch.load(broken / R.FINAL)["method"]
+    a = torch.load(unbroken / results.FINAL)["method"]
+    b = torch.load(broken / results.FINAL)["method"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -72,25 +72,25 @@ def test_a_done_run_is_not_rerun_and_another_job_cannot_reuse_its_folder(embedde
     from bench.errors import BenchError
 
     out = run(tiny_config(embedded_root, method="zeroshot"), tmp_path / "zs", progress=False)
-    before = (out / R.RESULTS).read_text()
+    before = (out / results.RESULTS).read_text()
     run(tiny_config(embedded_root, method="zeroshot"), out, progress=False)
-    assert (out / R.RESULTS).read_text() == before
-    (out / R.DONE).unlink()
+    assert (out / results.RESULTS).read_text() == before
+    (out / results.DONE).unlink()
     with pytest.raises(BenchError, match="holds another job"):
         run(tiny_config(embedded_root, **{"train.lr": 0.5}), out, progress=False)
-    assert (out / R.RESULTS).read_text() == before
-    assert json.loads((out / R.CONFIG).read_text())["config"]["method"] == "zeroshot"
+    assert (out / results.RESULTS).read_text() == before
+    assert json.loads((out / results.CONFIG).read_text())["config"]["method"] == "zeroshot"
 
 
 def test_every_evaluation_logs_its_time_and_the_cost_table_shows_the_evaluation_share(embedded_root, tmp_path):
-    from bench import collect as K
-    from bench import tables as T
+    from bench import collect
+    from bench import tables
 
     run_dir = run(tiny_config(embedded_root), tmp_path / "runs" / "erm", progress=False)
-    rows = R.read_rows(run_dir / R.RESULTS)
+    rows = results.read_rows(run_dir / results.RESULTS)
     evals = {r["step"]: r["value"] for r in rows if r["metric"] == "eval_time"}
     assert sorted(evals) == [0, 3, 6] and all(v > 0 for v in evals.values())  # step 0, every eval_every, the last
     train = sum(r["value"] * r["n"] for r in rows if r["metric"] == "step_time")
-    section = T.build(K.load(tmp_path / "runs"), "ood_avg", cost=True).sections[0]
+    section = tables.build(collect.load(tmp_path / "runs"), "ood_avg", cost=True).sections[0]
     share = section.cells[("erm", "cost:eval_share")].mean
     assert share == pytest.approx(100 * sum(evals.values()) / (sum(evals.values()) + train))

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from bench import config as C
+from bench import config
 from bench.cli import main
 from bench.data import load_card
 from bench.errors import BenchError
@@ -89,7 +89,7 @@ def work(tmp_path, monkeypatch, embedded_root):
 
 
 def _run_config(root, key, value, method):
-    d = C.merge({"method": method, "model": {"name": "TinyCLIP-32", "pretrained": str(root / "tiny.pt")},
+    d = config.merge({"method": method, "model": {"name": "TinyCLIP-32", "pretrained": str(root / "tiny.pt")},
                  "data": {"dataset": "embedded", "root": str(root), "test_domains": ["sketch"]}, "train": TINY_TRAIN},
                 nest(key, value))
     return d
@@ -107,7 +107,7 @@ def _sweep(root, tmp_path, key=None, value=None, method="erm", **top):
     elif key and key.startswith("hparams."):
         d["overrides"] = {"methods": {method: nest(key, value)}}
     elif key:
-        base = C.merge(base, nest(key, value))
+        base = config.merge(base, nest(key, value))
     d["base"] = base
     d.update(top)
     path = tmp_path / "sweep.yaml"

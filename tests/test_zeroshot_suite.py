@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import config as C
-from bench import zeroshot_suite as Z
+from bench import config
+from bench import zeroshot_suite
 from bench.errors import BenchError
 from tests.conftest import tiny_config
 from tests.coop_fixture import make_coop_fixture
@@ -30,11 +30,11 @@ def _one_line(err) -> str:
 
 # ---- cards and suites --------------------------------------------------------------------------------------------
 def test_coop10_is_the_ten_and_every_card_loads():
-    assert Z.list_suites()["coop10"] == COOP10
-    assert set(Z.list_zeroshot_cards()) == set(COOP10)
+    assert zeroshot_suite.list_suites()["coop10"] == COOP10
+    assert set(zeroshot_suite.list_zeroshot_cards()) == set(COOP10)
     total = 0
     for name in COOP10:
-        card = Z.load_zeroshot_card(name)
+        card = zeroshot_suite.load_zeroshot_card(name)
         assert card.name == name and len(card.class_names) == N_CLASSES[name] == len(card.coop_names)
         assert len(set(card.class_names)) == len(card.class_names)
         assert card.templates and all("{}" in t for t in card.templates)
@@ -45,24 +45,24 @@ def test_coop10_is_the_ten_and_every_card_loads():
 
 
 def test_coop_classnames_map_to_clip_prompt_names():
-    cal, euro, sun = (Z.load_zeroshot_card(n) for n in ("caltech101", "eurosat", "sun397"))
+    cal, euro, sun = (zeroshot_suite.load_zeroshot_card(n) for n in ("caltech101", "eurosat", "sun397"))
     assert cal.class_names[cal.class_index("face")] == "off-center face"
     assert cal.class_names[cal.class_index("yin_yang")] == "yin and yang symbol"
     assert euro.class_names[euro.class_index("Herbaceous Vegetation Land")] == "brushland or shrubland"
     assert sun.class_names[sun.class_index("outdoor apartment_building")] == "apartment building outdoor"
-    cars = Z.load_zeroshot_card("stanford_cars")  # CoOp moves the year to the front
+    cars = zeroshot_suite.load_zeroshot_card("stanford_cars")  # CoOp moves the year to the front
     assert cars.class_names[cars.class_index("2012 Tesla Model S Sedan")] == "Tesla Model S Sedan 2012"
-    ucf = Z.load_zeroshot_card("ucf101")
+    ucf = zeroshot_suite.load_zeroshot_card("ucf101")
     assert ucf.class_names[ucf.class_index("Handstand_Pushups")] == "Hand Stand Pushups"
     assert cal.class_index("background") is None and cal.class_index("centered face") is None  # not in CoOp's split
 
 
 def test_resolve_suite_names_cards_and_paths(tmp_path):
     card = tmp_path / "mine.yaml"
-    shutil.copy(Z.ZEROSHOT_DIR / "dtd.yaml", card)
-    assert Z.resolve_suite(["coop10"]) == COOP10
-    assert Z.resolve_suite(["dtd", "coop10", str(card)]) == ("dtd",) + tuple(c for c in COOP10 if c != "dtd") + (str(card),)
-    assert Z.load_zeroshot_card(str(card)).class_names == Z.load_zeroshot_card("dtd").class_names
+    shutil.copy(zeroshot_suite.ZEROSHOT_DIR / "dtd.yaml", card)
+    assert zeroshot_suite.resolve_suite(["coop10"]) == COOP10
+    assert zeroshot_suite.resolve_suite(["dtd", "coop10", str(card)]) == ("dtd",) + tuple(c for c in COOP10 if c != "dtd") + (str(card),)
+    assert zeroshot_suite.load_zeroshot_card(str(card)).class_names == zeroshot_suite.load_zeroshot_card("dtd").class_names
 
 
 @pytest.mark.parametrize("values,pattern", [
@@ -73,7 +73,7 @@ def test_resolve_suite_names_cards_and_paths(tmp_path):
 ])
 def test_resolve_suite_errors_list_the_known_names(values, pattern):
     with pytest.raises(BenchError, match=pattern) as err:
-        Z.resolve_suite(values, "x.yaml")
+        zeroshot_suite.resolve_suite(values, "x.yaml")
     _one_line(err)
 
 
@@ -86,12 +86,12 @@ def test_resolve_suite_errors_list_the_known_names(values, pattern):
     ({"test_count": -3}, r"test_count must be a positive integer"),
 ])
 def test_bad_cards_are_refused_in_one_line(tmp_path, edit, pattern):
-    data = yaml.safe_load((Z.ZEROSHOT_DIR / "dtd.yaml").read_text())
+    data = yaml.safe_load((zeroshot_suite.ZEROSHOT_DIR / "dtd.yaml").read_text())
     data.update(edit)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(BenchError, match=pattern) as err:
-        Z.load_zeroshot_card(str(path))
+        zeroshot_suite.load_zeroshot_card(str(path))
     assert _one_line(err).startswith(str(path))
 
 
@@ -99,9 +99,9 @@ def test_bad_cards_are_refused_in_one_line(tmp_path, edit, pattern):
 @pytest.mark.parametrize("name", COOP10)
 def test_split_file_labels_map_to_the_cards_names(tmp_path, name):
     make_coop_fixture(tmp_path, [name], n_classes=3, per_class=2)
-    card = Z.load_zeroshot_card(name)
-    rows = Z.read_split(tmp_path, card, "test")
-    items = Z.scan_zeroshot(tmp_path, card, "test")
+    card = zeroshot_suite.load_zeroshot_card(name)
+    rows = zeroshot_suite.read_split(tmp_path, card, "test")
+    items = zeroshot_suite.scan_zeroshot(tmp_path, card, "test")
     assert len(items) == len(rows) == 6 and all(Path(p).is_file() for p, _ in items)
     for (path, k), (_, label, cname) in zip(items, rows):
         assert card.coop_names[k] == cname  # matched by classname ...
@@ -112,36 +112,36 @@ def test_split_file_labels_map_to_the_cards_names(tmp_path, name):
 
 def test_fgvc_aircraft_reads_coops_txt_format(tmp_path):
     make_coop_fixture(tmp_path, ["fgvc_aircraft"], n_classes=2, per_class=2)
-    card = Z.load_zeroshot_card("fgvc_aircraft")
+    card = zeroshot_suite.load_zeroshot_card("fgvc_aircraft")
     lines = (tmp_path / "fgvc_aircraft" / "images_variant_test.txt").read_text().splitlines()
     assert lines[0].split(" ", 1)[1] == "Yak-42"
-    rows = Z.read_split(tmp_path, card, "test")
+    rows = zeroshot_suite.read_split(tmp_path, card, "test")
     assert rows[0] == (lines[0].split(" ")[0] + ".jpg", 99, "Yak-42")  # label: line of variants.txt, as CoOp
-    assert {card.class_names[k] for _, k in Z.scan_zeroshot(tmp_path, card)} == {"Yak-42", "Tu-154"}
+    assert {card.class_names[k] for _, k in zeroshot_suite.scan_zeroshot(tmp_path, card)} == {"Yak-42", "Tu-154"}
     # a variant with a space (CoOp joins the rest of the line)
     (tmp_path / "fgvc_aircraft" / "images_variant_test.txt").write_text(lines[0].split(" ")[0] + " BAE 146-200\n")
-    assert card.class_names[Z.scan_zeroshot(tmp_path, card)[0][1]] == "BAE 146-200"
+    assert card.class_names[zeroshot_suite.scan_zeroshot(tmp_path, card)[0][1]] == "BAE 146-200"
     (tmp_path / "fgvc_aircraft" / "images_variant_test.txt").write_text("1234567 Concorde\n")
     with pytest.raises(BenchError, match=r"images_variant_test.txt: line 1 '1234567 Concorde' is not") as err:
-        Z.scan_zeroshot(tmp_path, card)
+        zeroshot_suite.scan_zeroshot(tmp_path, card)
     _one_line(err)
 
 
 def test_missing_folder_and_split_file_name_the_download(tmp_path):
-    card = Z.load_zeroshot_card("eurosat")
+    card = zeroshot_suite.load_zeroshot_card("eurosat")
     with pytest.raises(BenchError, match=r"data folder .*eurosat not found \(zero-shot dataset EuroSAT\); download it "
                                          r"as CoOp's DATASETS.md says \(mkdir -p \$DATA/eurosat; .*EuroSAT.zip") as err:
-        Z.scan_zeroshot(tmp_path, card)
+        zeroshot_suite.scan_zeroshot(tmp_path, card)
     _one_line(err)
     make_coop_fixture(tmp_path, ["eurosat"])
     (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").unlink()
     with pytest.raises(BenchError, match=r"split file .*split_zhou_EuroSAT.json not found .*drive.google.com") as err:
-        Z.scan_zeroshot(tmp_path, card)
+        zeroshot_suite.scan_zeroshot(tmp_path, card)
     _one_line(err)
     make_coop_fixture(tmp_path, ["eurosat"])
     shutil.rmtree(tmp_path / "eurosat" / "2750")
     with pytest.raises(BenchError, match=r"image folder .*2750 not found") as err:
-        Z.scan_zeroshot(tmp_path, card)
+        zeroshot_suite.scan_zeroshot(tmp_path, card)
     _one_line(err)
 
 
@@ -153,19 +153,19 @@ def test_unknown_classname_names_the_split_file(tmp_path):
     path.write_text(json.dumps(split))
     with pytest.raises(BenchError, match=r"split_zhou_DescribableTextures.json: classname 'zigzaggy' \(label 0\) is "
                                          r"not a class of zero-shot card dtd \(closest: 'zigzagged'\)") as err:
-        Z.scan_zeroshot(tmp_path, Z.load_zeroshot_card("dtd"))
+        zeroshot_suite.scan_zeroshot(tmp_path, zeroshot_suite.load_zeroshot_card("dtd"))
     _one_line(err)
     split["test"][0] = ["a.jpg", 0]
     path.write_text(json.dumps(split))
     with pytest.raises(BenchError, match=r"test\[0\] is \['a.jpg', 0\], not \[image path, label, classname\]"):
-        Z.scan_zeroshot(tmp_path, Z.load_zeroshot_card("dtd"))
+        zeroshot_suite.scan_zeroshot(tmp_path, zeroshot_suite.load_zeroshot_card("dtd"))
 
 
 def test_datasets_check_lists_the_suite(tmp_path, capsys):
     from bench.cli import main
 
     make_coop_fixture(tmp_path, ["dtd", "fgvc_aircraft"], n_classes=2, per_class=3)
-    (tmp_path / "dtd" / "images" / Z.read_split(tmp_path, Z.load_zeroshot_card("dtd"))[0][0]).unlink()
+    (tmp_path / "dtd" / "images" / zeroshot_suite.read_split(tmp_path, zeroshot_suite.load_zeroshot_card("dtd"))[0][0]).unlink()
     main(["datasets", "--root", str(tmp_path), "--check"])
     out = capsys.readouterr().out
     lines = {line.split()[0]: i for i, line in enumerate(out.splitlines()) if line and not line.startswith(" ")}
@@ -211,22 +211,22 @@ def test_run_writes_suite_rows_at_the_suite_steps(suite_run):
 
 
 def test_table_has_the_xd_avg_column(suite_run):
-    from bench import collect as K
-    from bench import tables as T
+    from bench import collect
+    from bench import tables
 
     _, run_dir = suite_run
-    report = T.build(K.load(run_dir.parent), "id,xd_avg")
-    text = T.render(report, "markdown")
+    report = tables.build(collect.load(run_dir.parent), "id,xd_avg")
+    text = tables.render(report, "markdown")
     assert "zero-shot (cross-dataset)" in text.splitlines()[0]
     sec = report.sections[0]
     cell = sec.cells[("erm", next(c for c in sec.columns if c.startswith("xd_avg")))]
-    chosen = K.select(K.load(run_dir.parent), "train_val")
+    chosen = collect.select(collect.load(run_dir.parent), "train_val")
     step = int(chosen["step"].iloc[0])
     xd = [r["value"] for r in _rows(run_dir) if r["role"] == "zeroshot_xd" and r["metric"] == "acc"
           and r["step"] == step]
     assert cell.mean == pytest.approx(sum(xd) / len(xd))  # the mean over the suite, at the selected step (a fraction)
     assert f"{100 * sum(xd) / len(xd):.1f}" in text  # rendered in percent
-    wide = T.render(T.build(K.load(run_dir.parent), "xd"), "markdown")
+    wide = tables.render(tables.build(collect.load(run_dir.parent), "xd"), "markdown")
     assert "dtd" in wide and "fgvc_aircraft" in wide and "Avg" in wide
 
 
@@ -236,14 +236,14 @@ def _copy_run(src: Path, dst: Path, lr: float | None = None, edit=None) -> None:
     rec = json.loads((dst / "config.json").read_text())
     if lr is not None:
         rec["config"]["train"]["lr"] = lr
-        rec["job_id"] = C.stable_hash(rec["config"])
+        rec["job_id"] = config.stable_hash(rec["config"])
         (dst / "config.json").write_text(json.dumps(rec))
     rows = [edit(r) if edit else r for r in _rows(dst)]
     (dst / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_model_selection_never_uses_the_suite(suite_run, tmp_path):
-    from bench import collect as K
+    from bench import collect
 
     _, run_dir = suite_run
 
@@ -264,14 +264,14 @@ def test_model_selection_never_uses_the_suite(suite_run, tmp_path):
         root = tmp_path / case.replace(" ", "_")
         _copy_run(run_dir, root / "a", edit=edit_a)
         _copy_run(run_dir, root / "b", lr=0.5, edit=worse_id_better_suite)  # the suite says b, id_val says a
-        coll = K.load(root, cache=False)
+        coll = collect.load(root, cache=False)
         for rule in ("train_val", "oracle"):
-            chosen = K.select(coll, rule)
+            chosen = collect.select(coll, rule)
             picks[(case, rule)] = sorted(zip(chosen["job"], chosen["step"]))
     a_id = json.loads((run_dir / "config.json").read_text())["job_id"]
     assert picks[("as run", "train_val")] == picks[("suite reversed", "train_val")]
     assert picks[("as run", "oracle")] == picks[("suite reversed", "oracle")]
-    chosen = K.select(K.load(tmp_path / "as_run", cache=False), "train_val")
+    chosen = collect.select(collect.load(tmp_path / "as_run", cache=False), "train_val")
     assert list(chosen["job_id"]) == [a_id] and int(chosen["step"].iloc[0]) in (0, 4, 6)  # among the suite's steps
 
 
@@ -279,7 +279,7 @@ def test_job_ids_without_a_suite_stay_and_with_one_change(embedded_root):
     from bench.prepare import prepare
 
     base = tiny_config(embedded_root)
-    assert "zeroshot_suite" not in C.identity(base)["data"] and "suite_every" not in C.identity(base)["train"]
+    assert "zeroshot_suite" not in config.identity(base)["data"] and "suite_every" not in config.identity(base)["train"]
     # suite_every without a suite changes nothing; a suite and its schedule are part of what a job computes
     assert prepare(tiny_config(embedded_root, **{"train.suite_every": 5})).job_id == prepare(base).job_id
     with_suite = tiny_config(embedded_root, **{"data.zeroshot_suite": ["coop10"]})
@@ -298,10 +298,10 @@ def test_a_bad_suite_fails_at_prepare_in_one_line(embedded_root):
 
 
 def test_imagenet_sweep_evaluates_coop10():
-    from bench import sweep as S
+    from bench import sweep
 
     path = Path(__file__).resolve().parent.parent / "sweeps" / "imagenet.yaml"
-    sw = S.load_sweep(path)
-    jobs = S.expand(sw, str(path), check_data=False)
+    sw = sweep.load_sweep(path)
+    jobs = sweep.expand(sw, str(path), check_data=False)
     assert {j.cfg.data.zeroshot_suite for j in jobs} == {("coop10",)}
     assert {j.cfg.train.suite_every for j in jobs} == {1}
