@@ -212,8 +212,9 @@ def cmd_status(args) -> None:
 def _collect(args):
     """The runs under --runs (for table, plot, export-best)."""
     from bench import collect
+    from bench import model_selection
 
-    collect.check_selection(args.selection)
+    model_selection.check_selection(args.selection)
     coll = collect.load(args.runs, args.dataset, cache=not getattr(args, "no_cache", False))
     if not len(coll.jobs):
         raise BenchError(f"no runs under {args.runs}; run `bench sweep sweeps/quickstart.yaml` first "
@@ -222,10 +223,10 @@ def _collect(args):
 
 
 def cmd_table(args) -> None:
-    from bench import collect
+    from bench import metrics
     from bench import tables
 
-    collect.check_metric(args.metric)
+    metrics.check_metric(args.metric)
     report = tables.build(_collect(args), args.metric, args.selection, args.cost, args.dataset, args.rows)
     text = tables.render(report, args.format)
     if args.out:
@@ -248,9 +249,9 @@ def cmd_export_best(args) -> None:
 
     import yaml
 
-    from bench import collect
+    from bench import model_selection
 
-    best = collect.export_best(_collect(args), args.selection, args.dataset)
+    best = model_selection.export_best(_collect(args), args.selection, args.dataset)
     if args.configs:
         folder = Path(args.configs)
         folder.mkdir(parents=True, exist_ok=True)
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def collector_args(p):  # what `table`, `plot` and `export-best` share
         p.add_argument("--runs", default="runs", help="results folder, searched recursively for run folders")
-        # bench.collect.SELECTIONS (not imported here: pandas is slow to import)
+        # bench.model_selection.SELECTIONS (not imported here: pandas is slow to import)
         p.add_argument("--selection", default="train_val", choices=["train_val", "lodo", "oracle"],
                        help="training-domain validation (default), leave-one-domain-out, test-domain oracle")
         p.add_argument("--dataset", action="append", help="only this dataset (repeat for more)")

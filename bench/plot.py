@@ -13,6 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from bench import collect
+from bench import model_selection
+from bench import results
+from bench import table_cache
 from bench.errors import BenchError
 
 WISE = re.compile(r"^wise:([0-9.]+)$")
@@ -22,20 +25,20 @@ REF = " reference"  # the legend key of the reference star (no row label has a s
 def points(coll: collect.Collection, selection: str = "train_val", datasets: list[str] | None = None) -> pd.DataFrame:
     """Per (dataset, row label): id, ood_avg and zs_avg means and standard errors (fractions; zs NaN where the
     dataset has no unseen classes), trial seeds used."""
-    u = collect.units(coll)
-    values = collect.chosen_values(coll, collect.select(coll, selection, u), u)
+    u = model_selection.units(coll)
+    values = model_selection.chosen_values(coll, model_selection.select(coll, selection, u), u)
     out = []
     for ds in coll.datasets:
         if datasets and ds not in datasets:
             continue
-        ids, _ = collect.per_seed(coll, values, "id", ds)
-        oods, _ = collect.per_seed(coll, values, "ood_avg", ds)
-        zss, _ = collect.per_seed(coll, values, "zs_avg", ds)
+        ids, _ = model_selection.per_seed(coll, values, "id", ds)
+        oods, _ = model_selection.per_seed(coll, values, "ood_avg", ds)
+        zss, _ = model_selection.per_seed(coll, values, "zs_avg", ds)
         both = ids.merge(oods, on=["label", "trial_seed"], suffixes=("_id", "_ood"))
         both = both.merge(zss.rename(columns={"value": "value_zs"}), on=["label", "trial_seed"], how="left")
         for label, g in both.groupby("label"):
-            (x, xe, n), (y, ye, _) = collect.mean_se(g["value_id"]), collect.mean_se(g["value_ood"])
-            z, ze, _ = collect.mean_se(g["value_zs"])
+            (x, xe, n), (y, ye, _) = model_selection.mean_se(g["value_id"]), model_selection.mean_se(g["value_ood"])
+            z, ze, _ = model_selection.mean_se(g["value_zs"])
             method, _, variant = label.partition("+")
             m = WISE.match(variant)
             out.append({"dataset": ds, "label": label, "method": method, "variant": variant,
@@ -115,7 +118,7 @@ def plot(coll: collect.Collection, out: str | Path, selection: str = "train_val"
     shown = [handles[k] for k in order if k in handles]
     fig.legend(handles=shown, loc="outside lower center", ncol=min(len(shown), 2 if ncol == 1 else 4), fontsize=9,
                frameon=False)
-    rule = collect.SELECTIONS[selection].split(" (")[0]
+    rule = model_selection.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Selection: {rule}; mean ± standard error over trial seeds", fontsize=10.5)
     return save_figure(fig, out)
 
@@ -128,14 +131,14 @@ def reliability_bins(coll: collect.Collection, selection: str = "train_val", dat
     results files (the collector's rows leave the bins out)."""
     from bench.calibration import decode_bins
 
-    u = collect.units(coll)
-    chosen = collect.select(coll, selection, u)
+    u = model_selection.units(coll)
+    chosen = model_selection.select(coll, selection, u)
     chosen = chosen[(chosen["variant"] == "") & (chosen["dataset"].isin(datasets) if datasets else True)]
     paths = coll.jobs.set_index("job")["path"]
     sums: dict[tuple[str, str, str], list[list[float]]] = {}
     for r in chosen.itertuples(index=False):
         held = set(r.test_set.split("+"))
-        for row in collect.read_results(Path(paths[r.job]) / collect.RESULTS):
+        for row in table_cache.read_results(Path(paths[r.job]) / results.RESULTS):
             if (row.get("metric") != "rel_bins" or row.get("step") != r.step or row.get("variant", "")
                     or row.get("role") not in ("id_val", "ood") or (row["role"] == "ood" and row.get("domain") not in held)):
                 continue
@@ -198,7 +201,7 @@ def reliability(coll: collect.Collection, out: str | Path, selection: str = "tra
         ax.legend(fontsize=8, loc="upper left", frameon=False)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    rule = collect.SELECTIONS[selection].split(" (")[0]
+    rule = model_selection.SELECTIONS[selection].split(" (")[0]
     fig.suptitle(f"Reliability: 15 confidence bins, pooled over trial seeds and domains; marker area ~ share of "
                  f"samples; the diagonal is perfect calibration.\nSelection: {rule}", fontsize=10)
     return save_figure(fig, out)

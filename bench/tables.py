@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from bench import collect
+from bench import metrics
+from bench import model_selection
 from bench.errors import BenchError
 
 FORMATS = ("markdown", "latex", "csv", "json")
@@ -93,7 +95,7 @@ def _row_key(label: str, ranks: dict[str, int]):
 class _Explainer:
     """Why a (row, dataset) cell is missing trial seeds, and which of its jobs are not done."""
 
-    def __init__(self, coll: collect.Collection, u: collect.Units, chosen: pd.DataFrame, rule: str):
+    def __init__(self, coll: collect.Collection, u: model_selection.Units, chosen: pd.DataFrame, rule: str):
         self.coll, self.u, self.rule = coll, u, rule
         self.jobs_at: dict[tuple, list[tuple[str, str]]] = {}
         for m, ds, t, s, j, st in coll.jobs[["method", "dataset", "test_set", "trial_seed", "job_id",
@@ -158,7 +160,7 @@ class _Explainer:
         if self.rule == "oracle":
             return "no ood_val rows at the last step", f"{where}: {ids}", named
         missing, no_variant = [], []
-        for v in collect.train_domains(self.coll, ds, test_set):
+        for v in model_selection.train_domains(self.coll, ds, test_set):
             t = collect.set_key(test_set.split("+") + [v])
             aux = self.jobs_at.get((method, ds, t, seed), [])
             named |= {j for j, _ in aux}
@@ -213,10 +215,10 @@ class _Explainer:
 
 def _empty_reason(coll: collect.Collection, metric: str, ds: str, values: pd.DataFrame, expl: _Explainer) -> str | None:
     """Why a metric has no value on a dataset for any row, when the cause is the dataset or the rule."""
-    if metric.startswith("ood:") and not collect._metric_domains(coll, metric, ds):
+    if metric.startswith("ood:") and not model_selection._metric_domains(coll, metric, ds):
         return f"{ds} has no held-out domain {metric[4:]}."
     base = metric[:-3] if metric.endswith("_id") else metric[:-4] if metric.endswith("_ood") else ""
-    if base in collect.EXTRA_METRICS:
+    if base in metrics.EXTRA_METRICS:
         mine = values.loc[values["dataset"] == ds, "key"].astype(str)
         if not (mine.str.startswith(metric + ":") | (mine == metric)).any():
             if base == "macro_f1":
@@ -224,7 +226,7 @@ def _empty_reason(coll: collect.Collection, metric: str, ds: str, values: pd.Dat
                         f"it: metrics: [macro_f1]).")
             return (f"{ds}: no {base} rows in the selected runs (evaluated before the harness logged calibration "
                     f"metrics; a rerun of those jobs logs them).")
-    if metric in collect.SUITE_AVERAGES and not collect._metric_domains(coll, metric, ds):
+    if metric in metrics.SUITE_AVERAGES and not model_selection._metric_domains(coll, metric, ds):
         return f"{metric} is defined for ImageNet-style shift suites only; {ds} is not one."
     if metric == "id_test":
         v = values[(values["dataset"] == ds) & (values["key"] == "id_test")]["value"]
@@ -243,9 +245,9 @@ def _empty_reason(coll: collect.Collection, metric: str, ds: str, values: pd.Dat
         if len(v) and v.isna().all():
             what = "zero-shot suite rows" if metric == "xd_avg" else f"rows for suite dataset {metric[3:]}"
             return f"{ds} runs have no {what} (set data.zeroshot_suite, e.g. coop10; docs/ZEROSHOT_SUITE.md)."
-    if metric in collect.SUITE_AVERAGES:
+    if metric in metrics.SUITE_AVERAGES:
         have = {k[4:] for k in values.loc[values["dataset"] == ds, "key"] if k.startswith("ood:")}
-        lacking = [d for d in collect._metric_domains(coll, metric, ds) if d not in have]
+        lacking = [d for d in model_selection._metric_domains(coll, metric, ds) if d not in have]
         if lacking:
             return f"{metric} on {ds} needs results on {', '.join(lacking)}."
     return None
@@ -259,11 +261,11 @@ def _describe(metric: str) -> str:
 
 def build(coll: collect.Collection, metric: str = "ood_avg", selection: str = "train_val", cost: bool = False,
           datasets: list[str] | None = None, rows: list[str] | None = None) -> Report:
-    metrics = collect.check_metric(metric)
-    collect.check_selection(selection)
-    u = collect.units(coll)
-    chosen = collect.select(coll, selection, u)
-    values = collect.chosen_values(coll, chosen, u)
+    metric_names = metrics.check_metric(metric)
+    model_selection.check_selection(selection)
+    u = model_selection.units(coll)
+    chosen = model_selection.select(coll, selection, u)
+    values = model_selection.chosen_values(coll, chosen, u)
     expl = _Explainer(coll, u, chosen, selection)
     notes = _Notes()
     all_ds = [d for d in coll.datasets if not datasets or d in datasets]
@@ -274,12 +276,12 @@ def build(coll: collect.Collection, metric: str = "ood_avg", selection: str = "t
     costs = collect.job_costs(coll) if cost else None
 
     def fill(section: Section, col: str, ds: str, m: str) -> None:
-        ps, gaps = collect.per_seed(coll, values, m, ds)
-        needed = sorted(set(collect.required(coll, m, ds)["test_set"]))
+        ps, gaps = model_selection.per_seed(coll, values, m, ds)
+        needed = sorted(set(model_selection.required(coll, m, ds)["test_set"]))
         empty = _empty_reason(coll, m, ds, values, expl)
         for lab in section.rows:
-            mean, se, n = collect.mean_se(ps.loc[ps["label"] == lab, "value"])
-            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n, nats=m in collect.NATS)
+            mean, se, n = model_selection.mean_se(ps.loc[ps["label"] == lab, "value"])
+            cell = Cell(None if n == 0 else mean, None if n == 0 else se, n, nats=m in metrics.NATS)
             if n == 0 and empty:
                 cell.notes.append(notes.add(empty))
             else:
@@ -368,12 +370,12 @@ def build(coll: collect.Collection, metric: str = "ood_avg", selection: str = "t
             if cost:
                 add_costs(sec, [ds])
             sections.append(sec)
-    elif len(metrics) > 1:  # one column per (dataset, metric): ID / OOD / zero-shot side by side
+    elif len(metric_names) > 1:  # one column per (dataset, metric): ID / OOD / zero-shot side by side
         sec = Section(None, [], {}, labels)
         for ds in all_ds:
-            for m in metrics:
+            for m in metric_names:
                 key = f"{m}@{ds}"
-                head = (collect.METRIC_HEADERS.get(m)
+                head = (metrics.METRIC_HEADERS.get(m)
                         or (f"zero-shot {m[3:]}" if m.startswith("xd:") else f"OOD {m[4:]}"))
                 sec.columns.append(key)
                 sec.headers[key] = head if len(all_ds) == 1 else f"{ds} {head}"
@@ -393,11 +395,11 @@ def build(coll: collect.Collection, metric: str = "ood_avg", selection: str = "t
             add_costs(sec, all_ds)
         sections.append(sec)
 
-    described = "; ".join(f"{m}, {collect.METRICS.get(m) or _describe(m)}" for m in metrics)
-    unit = "%" if not any(m in collect.NATS for m in metrics) else "%; NLL in nats"
-    header = [f"Metric{'s' if len(metrics) > 1 else ''}: {described} ({unit}); "
+    described = "; ".join(f"{m}, {metrics.METRICS.get(m) or _describe(m)}" for m in metric_names)
+    unit = "%" if not any(m in metrics.NATS for m in metric_names) else "%; NLL in nats"
+    header = [f"Metric{'s' if len(metric_names) > 1 else ''}: {described} ({unit}); "
               f"cells: mean ± standard error over trial seeds (std/sqrt(n), as DomainBed).",
-              f"Selection: {selection}, {collect.SELECTIONS[selection]}."]
+              f"Selection: {selection}, {model_selection.SELECTIONS[selection]}."]
     jobs = coll.jobs
     footer = [f"{int((jobs['state'] == 'done').sum())} of {len(jobs)} jobs done under {coll.root}."]
     if any(s.headers.get("Avg") for s in sections):

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from bench import collect
+from bench import metrics
+from bench import model_selection
+from bench import table_cache
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs"
 REQUEUED = "7182e4a71f43"  # erm, held out photo, seed 0, lr 3e-4: its step-100 rows were appended twice
@@ -51,7 +54,7 @@ def test_jobs_states_and_folder_problems(coll):
     assert coll.domains["embedded"] == ["photo", "sketch", "cartoon", "painting"]  # the trainer's (card) order
     assert coll.domains["imagenet"][:5] == ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet"]
     # the ImageNet card's ood_averages (datasets/imagenet.yaml) and SHIFT_SUITES agree
-    assert coll.suite("imagenet")["averages"] == collect.SHIFT_SUITES["imagenet"]["averages"]
+    assert coll.suite("imagenet")["averages"] == metrics.SHIFT_SUITES["imagenet"]["averages"]
     assert coll.suite("embedded") is None
 
 
@@ -111,17 +114,17 @@ def test_a_results_file_of_garbage_or_nothing_does_not_stop_the_table(runs, capl
     with caplog.at_level(logging.WARNING, logger="bench"):
         coll = collect.load(runs)
     assert len(caplog.records) == 2 and "results.jsonl:2: skipping" in caplog.records[1].getMessage()
-    assert len(coll.rows) and len(collect.select(coll, "train_val"))
+    assert len(coll.rows) and len(model_selection.select(coll, "train_val"))
 
 
 def test_cache_gives_the_same_rows_and_sees_changed_files(runs, caplog):
     def frame(c):
-        return c.rows.astype({k: str for k in collect.TEXT_COLS}).sort_values(list(c.rows.columns)).reset_index(drop=True)
+        return c.rows.astype({k: str for k in table_cache.TEXT_COLS}).sort_values(list(c.rows.columns)).reset_index(drop=True)
 
     plain = collect.load(runs, cache=False)
-    assert not (runs / collect.CACHE).exists()
+    assert not (runs / table_cache.CACHE).exists()
     first = collect.load(runs)
-    assert (runs / collect.CACHE).exists()
+    assert (runs / table_cache.CACHE).exists()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="bench"):
         second = collect.load(runs)  # every file from the cache
@@ -142,13 +145,13 @@ def test_cache_gives_the_same_rows_and_sees_changed_files(runs, caplog):
 
 def test_a_dataset_filter_does_not_shrink_the_cache(runs):
     collect.load(runs)
-    size = (runs / collect.CACHE).stat().st_size
+    size = (runs / table_cache.CACHE).stat().st_size
     assert set(collect.load(runs, datasets=["imagenet"]).jobs["dataset"]) == {"imagenet"}
-    assert (runs / collect.CACHE).stat().st_size == size
+    assert (runs / table_cache.CACHE).stat().st_size == size
 
 
 def test_unwritable_cache_is_no_error(runs):
-    (runs / collect.CACHE).mkdir()  # cannot be replaced by a file
+    (runs / table_cache.CACHE).mkdir()  # cannot be replaced by a file
     assert len(collect.load(runs).rows)
 
 
@@ -200,7 +203,7 @@ def reference_selection(rule):
     out = {}
     variants = {(r["method"], v) for r in runs for v, _ in r["records"]}
     primary = {"embedded": [frozenset({"photo"}), frozenset({"sketch"})],
-               "imagenet": [frozenset(collect.SHIFT_SUITES["imagenet"]["sets"])]}
+               "imagenet": [frozenset(metrics.SHIFT_SUITES["imagenet"]["sets"])]}
     domains = {"embedded": ["photo", "sketch", "cartoon", "painting"]}
     for (method, variant), (ds, sets), seed in product(variants, primary.items(), (0, 1)):
         for test in sets:
@@ -245,7 +248,7 @@ def reference_selection(rule):
 @pytest.mark.parametrize("rule", ["train_val", "lodo", "oracle"])
 def test_selection_matches_domainbed_written_out(coll, rule):
     ref = reference_selection(rule)
-    got = collect.select(coll, rule)
+    got = model_selection.select(coll, rule)
     mine = {(r.label, r.dataset, r.test_set, int(r.trial_seed)): (r.job_id, int(r.step))
             for r in got.itertuples(index=False)}
     assert mine == {k: v[:2] for k, v in ref.items()}
@@ -254,7 +257,7 @@ def test_selection_matches_domainbed_written_out(coll, rule):
 
 def test_rules_choose_differently_on_the_fixture(coll):
     picks = {rule: {(r.label, r.test_set, r.trial_seed): (r.job_id, r.step) for r in
-                    collect.select(coll, rule).itertuples(index=False) if r.dataset == "embedded" and r.label == "erm"}
+                    model_selection.select(coll, rule).itertuples(index=False) if r.dataset == "embedded" and r.label == "erm"}
              for rule in ("train_val", "lodo", "oracle")}
     assert picks["train_val"] != picks["lodo"] != picks["oracle"] != picks["train_val"]
     assert any(step not in (0, 100) for _, step in picks["train_val"].values()) or \
@@ -265,9 +268,9 @@ def test_rules_choose_differently_on_the_fixture(coll):
 def test_per_seed_values_are_domainbed_averages(coll, rule):
     """Cell = mean over trial seeds of (mean over held-out domains of the chosen run's accuracy)."""
     ref = reference_selection(rule)
-    values = collect.chosen_values(coll, collect.select(coll, rule))
+    values = model_selection.chosen_values(coll, model_selection.select(coll, rule))
     for metric in ("ood_avg", "id"):
-        got, _ = collect.per_seed(coll, values, metric, "embedded")
+        got, _ = model_selection.per_seed(coll, values, metric, "embedded")
         got = {(r.label, int(r.trial_seed)): r.value for r in got.itertuples(index=False)}
         expect = {}
         for (label, ds, test, seed), (_, _, acc) in ref.items():
@@ -285,25 +288,25 @@ def test_per_seed_values_are_domainbed_averages(coll, rule):
 
 
 def test_mean_se_is_domainbeds_format_mean():
-    mean, se, n = collect.mean_se([0.5, 0.7, 0.9])
+    mean, se, n = model_selection.mean_se([0.5, 0.7, 0.9])
     assert (round(mean, 12), n) == (0.7, 3)
     assert se == pytest.approx(statistics.pstdev([0.5, 0.7, 0.9]) / np.sqrt(3))
-    assert collect.mean_se([])[2] == 0
+    assert model_selection.mean_se([])[2] == 0
 
 
 def test_suite_averages_come_from_the_dict(coll):
-    values = collect.chosen_values(coll, collect.select(coll, "train_val"))
-    four, gaps = collect.per_seed(coll, values, "ood_avg4", "imagenet")
-    five, gaps5 = collect.per_seed(coll, values, "ood_avg5", "imagenet")
+    values = model_selection.chosen_values(coll, model_selection.select(coll, "train_val"))
+    four, gaps = model_selection.per_seed(coll, values, "ood_avg4", "imagenet")
+    five, gaps5 = model_selection.per_seed(coll, values, "ood_avg5", "imagenet")
     assert set(four["label"]) == {"zeroshot", "erm"} and len(four) == 4  # both seeds
     assert len(five) == 3 and not len(gaps) and list(gaps5["key"]) == ["ood:objectnet"]  # erm seed 1 has no ObjectNet
-    assert collect.METRICS["ood_avg4"].endswith("imagenet_v2, imagenet_r, imagenet_sketch, imagenet_a")
+    assert metrics.METRICS["ood_avg4"].endswith("imagenet_v2, imagenet_r, imagenet_sketch, imagenet_a")
 
 
 def test_suites_come_from_the_card_or_the_dict(coll, monkeypatch):
     monkeypatch.setattr(collect, "_card_averages", lambda ds: None)
     coll._suites.clear()
-    assert coll.suite("imagenet") is collect.SHIFT_SUITES["imagenet"]
+    assert coll.suite("imagenet") is metrics.SHIFT_SUITES["imagenet"]
     monkeypatch.setattr(collect, "_card_averages", lambda ds: {"ood_avg4": ("imagenet_v2", "imagenet_r")})
     coll._suites.clear()
     assert coll.suite("embedded")["averages"] == {"ood_avg4": ("Avg (4)", ("imagenet_v2", "imagenet_r"))}
@@ -311,7 +314,7 @@ def test_suites_come_from_the_card_or_the_dict(coll, monkeypatch):
 
 
 def test_export_best_names_jobs_hparams_and_configs(coll):
-    best = collect.export_best(coll, "lodo")
+    best = model_selection.export_best(coll, "lodo")
     erm = [b for b in best if b["row"] == "erm" and b["dataset"] == "embedded"]
     assert len(erm) == 4
     for b in erm:

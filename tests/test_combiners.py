@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import collect
+from bench import model_selection
 from bench import config
 from bench import results
 from bench import tables
@@ -198,9 +199,9 @@ def test_bench_combine_writes_a_run_per_task_that_the_collector_and_table_show(r
     assert combine_runs(root, build_combiner("soup")) == [soup]
     # the collector: rows of their own, in the members' cells (dataset, held-out set, trial seed)
     coll = collect.load(root, cache=False)
-    labels = set(collect.units(coll).table["label"])
+    labels = set(model_selection.units(coll).table["label"])
     assert {"erm", "erm+soup:uniform", "erm+soup:greedy", "erm+model_stock", "erm+wise:0.5"} <= labels
-    chosen = collect.select(coll, "train_val")
+    chosen = model_selection.select(coll, "train_val")
     assert set(chosen.loc[chosen["label"] == "erm+model_stock", "job_id"]) == {stock.name}
     text = tables.render(tables.build(coll, "id,ood_avg", "train_val"), "markdown")
     for label in ("erm+soup:greedy", "erm+soup:uniform", "erm+model_stock"):

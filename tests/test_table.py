@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench import collect
+from bench import metrics
 from bench.errors import BenchError
 from bench import tables
 from bench.cli import main
@@ -103,7 +104,7 @@ def test_known_values_in_the_golden_table(coll):
     # ImageNet-style: erm seed 1 has no ObjectNet rows, so Avg (5) has one seed and Avg (4) two
     assert imn.cells[("erm", "ood_avg5")].n == 1 and imn.cells[("erm", "ood_avg4")].n == 2
     assert imn.headers["ood_avg4"] == "Avg (4)" and list(imn.columns[:5]) == [
-        f"ood:{d}" for d in collect.SHIFT_SUITES["imagenet"]["sets"]]
+        f"ood:{d}" for d in metrics.SHIFT_SUITES["imagenet"]["sets"]]
 
 
 def test_notes_name_jobs_not_done_and_their_states(coll):
@@ -225,5 +226,5 @@ def test_several_metrics_side_by_side_equal_their_own_tables(coll, rule):
                                              ("id,id", "names a metric twice")])
 def test_bad_metric_lists_are_one_line(metric, pattern):
     with pytest.raises(BenchError, match=pattern) as err:
-        collect.check_metric(metric)
+        metrics.check_metric(metric)
     assert "\n" not in str(err.value)

@@ -212,6 +212,7 @@ def test_run_writes_suite_rows_at_the_suite_steps(suite_run):
 
 def test_table_has_the_xd_avg_column(suite_run):
     from bench import collect
+    from bench import model_selection
     from bench import tables
 
     _, run_dir = suite_run
@@ -220,7 +221,7 @@ def test_table_has_the_xd_avg_column(suite_run):
     assert "zero-shot (cross-dataset)" in text.splitlines()[0]
     sec = report.sections[0]
     cell = sec.cells[("erm", next(c for c in sec.columns if c.startswith("xd_avg")))]
-    chosen = collect.select(collect.load(run_dir.parent), "train_val")
+    chosen = model_selection.select(collect.load(run_dir.parent), "train_val")
     step = int(chosen["step"].iloc[0])
     xd = [r["value"] for r in _rows(run_dir) if r["role"] == "zeroshot_xd" and r["metric"] == "acc"
           and r["step"] == step]
@@ -244,6 +245,7 @@ def _copy_run(src: Path, dst: Path, lr: float | None = None, edit=None) -> None:
 
 def test_model_selection_never_uses_the_suite(suite_run, tmp_path):
     from bench import collect
+    from bench import model_selection
 
     _, run_dir = suite_run
 
@@ -266,12 +268,12 @@ def test_model_selection_never_uses_the_suite(suite_run, tmp_path):
         _copy_run(run_dir, root / "b", lr=0.5, edit=worse_id_better_suite)  # the suite says b, id_val says a
         coll = collect.load(root, cache=False)
         for rule in ("train_val", "oracle"):
-            chosen = collect.select(coll, rule)
+            chosen = model_selection.select(coll, rule)
             picks[(case, rule)] = sorted(zip(chosen["job"], chosen["step"]))
     a_id = json.loads((run_dir / "config.json").read_text())["job_id"]
     assert picks[("as run", "train_val")] == picks[("suite reversed", "train_val")]
     assert picks[("as run", "oracle")] == picks[("suite reversed", "oracle")]
-    chosen = collect.select(collect.load(tmp_path / "as_run", cache=False), "train_val")
+    chosen = model_selection.select(collect.load(tmp_path / "as_run", cache=False), "train_val")
     assert list(chosen["job_id"]) == [a_id] and int(chosen["step"].iloc[0]) in (0, 4, 6)  # among the suite's steps
 
 

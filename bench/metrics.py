@@ -1,0 +1,75 @@
+"""The metric registry: what `bench table --metric` accepts, what each metric means and its column header,
+and the shift suites whose averages are metrics (ImageNet-style benchmarks).
+
+Which values a metric needs and how they are averaged over trial seeds: bench.model_selection (per_seed).
+This module imports no pandas and no torch.
+"""
+from __future__ import annotations
+
+from bench.errors import BenchError
+
+# ImageNet-style benchmarks: one run holds out several shift sets at once. Per-set numbers are always kept;
+# these are the averages each suite reports (data, not code: add a suite here).
+SHIFT_SUITES: dict[str, dict] = {
+    "imagenet": {
+        "sets": ("imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet"),
+        "averages": {  # metric name -> (column label, shift sets averaged)
+            "ood_avg4": ("Avg (4)", ("imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a")),
+            "ood_avg5": ("Avg (5)", ("imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet")),
+        },
+    },
+}
+SUITE_AVERAGES = {name: spec for suite in SHIFT_SUITES.values() for name, spec in suite["averages"].items()}
+
+METRICS = {
+    "id": "ID accuracy: the training domains' 20 % held-out split",
+    "id_test": "ID test accuracy (e.g. ImageNet val: protocol shift cards; never used to select)",
+    "ood_avg": "OOD accuracy: mean over held-out domains",
+    "ood": "OOD accuracy per held-out domain (one table per dataset)",
+    "zs_avg": "zero-shot accuracy on the unseen classes, mean over domains",
+    "hm": "harmonic mean of ID (base classes) and zero-shot (novel classes) accuracy, per trial seed (CoCoOp)",
+    "xd": "cross-dataset zero-shot accuracy per suite dataset (one table per fine-tuning dataset)",
+    "xd_avg": ("cross-dataset zero-shot accuracy: mean over the zero-shot suite's datasets (data.zeroshot_suite; "
+               "never used to select)"),
+    **{name: f"OOD accuracy: mean over {', '.join(sets)}" for name, (_, sets) in SUITE_AVERAGES.items()},
+    # beyond accuracy (bench.calibration; issue 11): at the checkpoint selected on accuracy, as every column
+    "worst_ood": "worst held-out domain accuracy, per trial seed (DomainBed-style worst case)",
+    "hm_id_ood": "harmonic mean of ID accuracy and OOD accuracy (mean over held-out domains), per trial seed",
+    "ece_id": "ID expected calibration error (15 equal-width bins of top-1 confidence, as torchmetrics), mean over "
+              "the training domains' held-out splits",
+    "ece_ood": "OOD expected calibration error (15 bins, as torchmetrics), mean over held-out domains",
+    "ece_ts_id": "ID ECE after temperature scaling (T fitted on the ID validation split only), mean over domains",
+    "ece_ts_ood": "OOD ECE after temperature scaling (T fitted on the ID validation split only), mean over held-out "
+                  "domains",
+    "nll_id": "ID negative log-likelihood (nats, not %), mean over domains",
+    "nll_ood": "OOD negative log-likelihood (nats, not %), mean over held-out domains",
+    "macro_f1_id": "ID macro-F1 over the classes present (cards with metrics: [macro_f1]), mean over domains",
+    "macro_f1_ood": "OOD macro-F1 over the classes present (cards with metrics: [macro_f1]), mean over held-out domains",
+}
+EXTRA_METRICS = ("ece", "ece_ts", "nll", "macro_f1")  # per-set rows beyond acc that get _id and _ood columns
+NATS = ("nll_id", "nll_ood")  # shown as they are (nats), not as percentages
+
+# Column headers when a table shows several metrics side by side (--metric id,ood_avg,zs_avg).
+METRIC_HEADERS = {"id": "ID", "id_test": "ID test", "ood_avg": "OOD avg", "zs_avg": "zero-shot", "hm": "HM",
+                  "xd_avg": "zero-shot (cross-dataset)", "worst_ood": "OOD worst", "hm_id_ood": "HM (ID, OOD)",
+                  "ece_id": "ID ECE", "ece_ood": "OOD ECE", "ece_ts_id": "ID ECE (TS)", "ece_ts_ood": "OOD ECE (TS)",
+                  "nll_id": "ID NLL", "nll_ood": "OOD NLL", "macro_f1_id": "ID macro-F1", "macro_f1_ood": "OOD macro-F1",
+                  **{name: f"OOD {label.lower()}" for name, (label, _) in SUITE_AVERAGES.items()}}
+
+
+def check_metric(metric: str) -> list[str]:
+    """A metric, or several separated by commas (one table, a column each); returns them as a list."""
+    names = [m.strip() for m in metric.split(",")]
+    for m in names:
+        if not (m in METRICS or (m.startswith(("ood:", "xd:")) and len(m) > 3 + 1)):
+            raise BenchError(f"--metric: unknown metric {m!r}; choose one of {', '.join(METRICS)}, ood:<domain> or "
+                             f"xd:<zero-shot suite dataset> "
+                             f"(or several, comma-separated: id,ood_avg,zs_avg)")
+    for wide in ("ood", "xd"):
+        if len(names) > 1 and wide in names:
+            raise BenchError(f"--metric: {wide} (a table per dataset, a column per "
+                             f"{'held-out domain' if wide == 'ood' else 'suite dataset'}) cannot be combined with "
+                             f"other metrics; ask for it alone")
+    if len(set(names)) != len(names):
+        raise BenchError(f"--metric: {metric!r} names a metric twice; name each once")
+    return names
