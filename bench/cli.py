@@ -51,7 +51,8 @@ def cmd_methods(args) -> None:
 
 
 def cmd_datasets(args) -> None:
-    from bench.data import check_counts, decode_errors, image_paths, list_cards, load_card
+    from bench.cards import list_cards, load_card
+    from bench.layouts import check_counts, decode_errors, image_paths
 
     bad_images = []
     for name in getattr(args, "cards", None) or list_cards():  # card names or paths to card YAMLs
@@ -109,7 +110,7 @@ def cmd_prepare_anchors(args) -> None:
 
 def cmd_data(args) -> None:
     from bench import embedded
-    from bench.data import load_card
+    from bench.cards import load_card
 
     card = load_card(args.dataset)
     if card.generator is None:
@@ -224,11 +225,12 @@ def _collect(args):
 
 def cmd_table(args) -> None:
     from bench import metrics
+    from bench import table_formats
     from bench import tables
 
     metrics.check_metric(args.metric)
     report = tables.build(_collect(args), args.metric, args.selection, args.cost, args.dataset, args.rows)
-    text = tables.render(report, args.format)
+    text = table_formats.render(report, args.format)
     if args.out:
         Path(args.out).write_text(text)
         print(args.out, file=sys.stderr)

@@ -7,7 +7,7 @@ results files whose size or modification time changed. Model selection over a co
 trial seeds: bench.model_selection; the metrics: bench.metrics.
 
 Only `done` jobs count; the other jobs of a cell are named, with their states, in the notes (bench/tables.py
-prints them).
+writes them).
 
 Held-out sets. A run holds out `config.data.test_domains`. For a dataset, a held-out set is *primary*
 (it gets table columns) unless the dataset also has held-out sets one domain smaller: DomainBed's pair runs

@@ -250,7 +250,8 @@ def launch(jobs: list[Job], sweep: SweepConfig, kind: str | None = None, progres
 
 def _draw_generated_data(jobs: list[Job], progress: bool) -> None:
     """The embedded benchmark is drawn on first use: once, here, not by parallel jobs racing to write it."""
-    from bench.data import ensure_generated, load_card
+    from bench.cards import load_card
+    from bench.layouts import ensure_generated
 
     for dataset, root in sorted({(j.cfg.data.dataset, j.cfg.data.root) for j in jobs}):
         card = load_card(dataset)

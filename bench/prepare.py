@@ -17,7 +17,9 @@ import torch
 
 from bench import config
 from bench.accumulate import check_accumulation
-from bench.data import DatasetCard, Task, build_task, ensure_generated, load_card, split_classes, suite_evalsets
+from bench.cards import DatasetCard, load_card, split_classes
+from bench.data import Task, build_task, suite_evalsets
+from bench.layouts import ensure_generated
 from bench.errors import BenchError
 from bench.method import METHODS, hparams_dict, load_builtin_methods, load_plugin, resolve_hparams
 

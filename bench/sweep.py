@@ -22,45 +22,28 @@
 Value of a run-config key, last wins: defaults < base < overrides.datasets < overrides.methods < the draw.
 Draw d of key k is drawn from an RNG seeded by (d, k) alone: never by the trial seed, the method or the
 dataset, and adding a key never changes the others' draws. Methods that train nothing get one draw.
+The search space itself (samplers, checks of its keys, the draws) is bench.search_space's.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 import yaml
 
 from bench import config
 from bench import results
-from bench.launch import LauncherConfig, check_launcher
-from bench.data import domain_folder, load_card
+from bench import search_space
+from bench.cards import load_card
 from bench.errors import BenchError
+from bench.launch import LauncherConfig, check_launcher
+from bench.layouts import domain_folder
 
 log = logging.getLogger(__name__)
-
-SAMPLERS = {  # kind -> (number of arguments, description)
-    "log10_uniform": (2, "10 ** U(lo, hi)"),
-    "uniform": (2, "U(lo, hi)"),
-    "int_uniform": (2, "an integer in [lo, hi]"),
-    "pow2_int_uniform": (2, "int(2 ** U(lo, hi)) (DomainBed's batch size)"),
-    "choice": (1, "one of a list"),
-}
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    n_draws: int = 1
-    draw_0: str = "defaults"  # defaults: draw 0 keeps the configured values | random: draw 0 is drawn too
-    space: Mapping[str, Any] = field(default_factory=dict)  # dotted run-config key -> [kind, args...]
-    method_spaces: bool = True  # add each method's Hparams.SEARCH entries (hparams.<name>) not named here
-
 
 @dataclass(frozen=True)
 class Overrides:
@@ -78,7 +61,7 @@ class SweepConfig:
     test_domains: Any = "default"
     test_domain_pairs: bool = False
     trial_seeds: tuple[int, ...] = (0,)
-    search: SearchConfig = field(default_factory=SearchConfig)
+    search: search_space.SearchConfig = field(default_factory=search_space.SearchConfig)
     plugins: tuple[str, ...] = ()
     overrides: Overrides = field(default_factory=Overrides)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -142,7 +125,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise BenchError(f"{source}: {key} is empty; list at least one")
         if len(set(values)) != len(values):
             raise BenchError(f"{source}: {key} lists {_first_duplicate(values)!r} twice; list each once")
-    _check_space(sweep.search.space, "search.space", source)
+    search_space.check_space(sweep.search.space, "search.space", source)
     config.from_dict(config.RunConfig, sweep.base, source, prefix="base.")
     _check_not_grid(sweep.base, "base", source)
     for kind in ("methods", "datasets"):
@@ -161,7 +144,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             if extra is not None:
                 if not isinstance(extra, Mapping) or set(extra) - {"space"}:
                     raise BenchError(f"{source}: {where}.search may only hold 'space' (a mapping of dotted keys)")
-                _check_space(extra.get("space") or {}, f"{where}.search.space", source)
+                search_space.check_space(extra.get("space") or {}, f"{where}.search.space", source)
     return sweep
 
 
@@ -186,12 +169,8 @@ def _read_extended(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return config.merge(base, data, replace=())  # hparams merge too: a variant changes one, not all
 
 
-GRID_KEYS = {"method": "methods", "trial_seed": "trial_seeds", "plugins": "plugins", "data.dataset": "datasets",
-             "data.test_domains": "test_domains"}
-
-
 def _check_not_grid(d: Mapping, where: str, source: str) -> None:
-    for key, by in GRID_KEYS.items():
+    for key, by in search_space.GRID_KEYS.items():
         head, _, tail = key.partition(".")
         if head in d and (not tail or tail in (d.get(head) or {})):
             raise BenchError(f"{source}: {where}.{key} is set by the sweep's '{by}' key; remove it from {where}")
@@ -205,79 +184,6 @@ def _first_duplicate(values):
         seen.add(v)
 
 
-def _check_space(space: Mapping, where: str, source: str) -> None:
-    if not isinstance(space, Mapping):
-        raise BenchError(f"{source}: {where} must map dotted run-config keys to [kind, args...], got {space!r}")
-    for key, spec in space.items():
-        _check_spec(spec, f"{where}.{key}", source)
-        parts = str(key).split(".")
-        if key in GRID_KEYS:
-            raise BenchError(f"{source}: {where}.{key}: {key} is set by the sweep's '{GRID_KEYS[key]}' key, "
-                             f"not drawn; remove it from the space")
-        if parts[0] == "hparams":  # hparams.<name> are checked per method by expand
-            if len(parts) != 2 or not parts[1]:
-                raise BenchError(f"{source}: {where}.{key}: name one hyperparameter, e.g. hparams.lam")
-        else:
-            _check_key(parts, f"{where}.{key}", source)
-
-
-def _check_spec(spec: Any, where: str, source: str) -> None:
-    kinds = ", ".join(f"[{k}, ...] ({d})" for k, (_, d) in SAMPLERS.items())
-    if isinstance(spec, tuple):
-        spec = list(spec)
-    if not isinstance(spec, list) or not spec or spec[0] not in SAMPLERS:
-        raise BenchError(f"{source}: {where}: {spec!r} is not a search space; use one of {kinds}")
-    n_args, _ = SAMPLERS[spec[0]]
-    args = spec[1:]
-    if len(args) != n_args:
-        raise BenchError(f"{source}: {where}: {spec[0]} takes {n_args} argument(s), got {args!r}")
-    if spec[0] == "choice":
-        if not isinstance(args[0], list) or not args[0]:
-            raise BenchError(f"{source}: {where}: choice needs a non-empty list, e.g. [choice, [0.1, 1.0]]")
-    elif not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) or args[0] > args[1]:
-        raise BenchError(f"{source}: {where}: {spec[0]} needs two numbers lo <= hi, got {args!r}")
-
-
-def _check_key(parts: list[str], where: str, source: str) -> None:
-    """A dotted key must name a field of RunConfig (hparams.* excepted)."""
-    cls: Any = config.RunConfig
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
-        if fields is None or part not in fields:
-            valid = ", ".join(".".join(parts[:i] + [f]) for f in (fields or {}))
-            close = difflib.get_close_matches(part, list(fields or {}), n=1)
-            hint = f"did you mean '{'.'.join(parts[:i] + [close[0]])}'? " if close else ""
-            raise BenchError(f"{source}: {where}: unknown run-config key '{'.'.join(parts)}': {hint}"
-                             f"valid keys: {valid or 'none (not a section)'}")
-        cls = _field_type(cls, part)
-
-
-def _field_type(cls, name):
-    import typing
-
-    return typing.get_type_hints(cls)[name]
-
-
-# ---- drawing hyperparameters ---------------------------------------------------------------------
-def draw_value(spec: Any, draw: int, key: str) -> Any:
-    """Draw `draw` of hyperparameter `key`: a function of (draw, key) alone. Floats keep 4 significant digits."""
-    kind, *args = spec
-    rng = np.random.default_rng(config.seed_hash("search", draw, key))
-    if kind == "choice":
-        value = args[0][int(rng.integers(len(args[0])))]
-        return value
-    if kind == "int_uniform":
-        return int(rng.integers(int(args[0]), int(args[1]) + 1))
-    u = float(rng.uniform(args[0], args[1]))
-    if kind == "uniform":
-        return float(f"{u:.4g}")
-    if kind == "log10_uniform":
-        return float(f"{10 ** u:.4g}")
-    if kind == "pow2_int_uniform":
-        return int(2 ** u)
-    raise AssertionError(kind)
-
-
 def _set_dotted(d: dict, key: str, value: Any) -> dict:
     parts = key.split(".")
     out = dict(d)
@@ -287,11 +193,6 @@ def _set_dotted(d: dict, key: str, value: Any) -> dict:
         node = node[part]
     node[parts[-1]] = value
     return out
-
-
-def _method_space(method_cls) -> dict:
-    search = getattr(getattr(method_cls, "Hparams", None), "SEARCH", None) or {}
-    return {f"hparams.{k}": list(v) for k, v in search.items()}
 
 
 # ---- expanding -----------------------------------------------------------------------------------
@@ -373,8 +274,8 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
             cls = METHODS.get(method)
             m_over = dict(sweep.overrides.methods.get(method) or {})
             m_space = dict((m_over.pop("search", None) or {}).get("space") or {})
-            space = {**(_method_space(cls) if sweep.search.method_spaces else {}), **sweep.search.space,
-                     **ds_space, **m_space}
+            space = {**(search_space.method_space(cls) if sweep.search.method_spaces else {}),
+                     **sweep.search.space, **ds_space, **m_space}
             trains = getattr(cls, "trains", True)
             hparam_fields = {f.name for f in dataclasses.fields(cls.Hparams)} if dataclasses.is_dataclass(
                 cls.Hparams) else set()
@@ -386,7 +287,7 @@ def expand(sweep: SweepConfig, source: str = "sweep", check_data: bool = True) -
             draws = range(sweep.search.n_draws) if trains else range(1)
             for draw in draws:
                 values = {} if (draw == 0 and (sweep.search.draw_0 == "defaults" or not trains)) else {
-                    k: draw_value(spec, draw, k) for k, spec in sorted(space.items())}
+                    k: search_space.draw_value(spec, draw, k) for k, spec in sorted(space.items())}
                 d = config.merge(dict(sweep.base), {"method": method, "trial_seed": sweep.trial_seeds[0],
                                                "data": {"dataset": dataset, "test_domains": list(domain_sets[0])}})
                 d = config.merge(d, ds_over)

@@ -5,7 +5,9 @@ import torch
 from tabulate import tabulate
 
 from bench import text
-from bench.data import ImageItems, ensure_generated, load_card, scan_domain
+from bench.cards import load_card
+from bench.data import ImageItems
+from bench.layouts import ensure_generated, scan_domain
 from bench.models import load_clip
 
 

@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from bench.data import build_task, ensure_generated, load_card
+from bench.cards import load_card
+from bench.data import build_task
+from bench.layouts import ensure_generated
 from bench.evaluate import EvalData, evaluate, predict_classes
 from bench.method import build_method, load_builtin_methods
 from bench.models import load_clip

@@ -43,7 +43,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method_cost import bare_stepper, harness_stepper, make_batch, method_hparams  # noqa: E402
 
-from bench.data import EvalSet, ImageItems, StepSampler, build_task, ensure_generated, iterate, load_card  # noqa: E402
+from bench.cards import load_card  # noqa: E402
+from bench.data import EvalSet, ImageItems, StepSampler, build_task, iterate  # noqa: E402
+from bench.layouts import ensure_generated  # noqa: E402
 from bench.evaluate import EvalData, evaluate  # noqa: E402
 from bench.method import METHODS, load_builtin_methods  # noqa: E402
 from bench.models import load_clip  # noqa: E402

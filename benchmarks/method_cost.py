@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 import yaml
 
-from bench.data import ImageItems, build_task, ensure_generated, load_card
+from bench.cards import load_card
+from bench.data import ImageItems, build_task
+from bench.layouts import ensure_generated
 from bench.method import METHODS, build_method, load_builtin_methods
 from bench.models import load_clip
 from bench.text import encode_text

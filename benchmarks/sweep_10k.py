@@ -30,7 +30,7 @@ def exit_at_once(run_dir: str) -> str:
 
 
 def write_sweep(scratch: Path, n_draws: int) -> Path:
-    from bench.data import load_card
+    from bench.cards import load_card
 
     data = scratch / "data"
     for name in DATASETS:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.data import load_card
+from bench.cards import load_card
 
 
 def make_domainbed_fixture(root: str | Path, names=("pacs",), per_class: int = 2, size: int = 16) -> Path:

@@ -11,7 +11,9 @@ import torch
 
 from bench import accumulate
 from bench import results
-from bench.data import build_task, load_card, load_image
+from bench.cards import load_card
+from bench.data import build_task
+from bench.layouts import load_image
 from bench.errors import BenchError
 from bench.method import METHODS, build_method, load_builtin_methods
 from bench.models import load_clip

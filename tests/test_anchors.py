@@ -245,7 +245,7 @@ def test_a_coca_tag_in_the_hugging_face_cache_passes(root, tmp_path, monkeypatch
 # ---- a whole ARF run on real-layout data -------------------------------------------------------------------
 
 def test_arf_run_with_a_captions_file_and_a_folder_pool_finishes(root, tmp_path):
-    from bench.data import IMAGE_SUFFIXES
+    from bench.layouts import IMAGE_SUFFIXES
     from bench.train import run
 
     make_pool(root / "pool_files", "files", n=20, per_shard=7)

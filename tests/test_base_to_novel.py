@@ -7,7 +7,8 @@ import math
 import pytest
 
 from bench import config
-from bench.data import build_task, load_card, split_classes
+from bench.cards import load_card, split_classes
+from bench.data import build_task
 from bench.errors import BenchError
 from bench.prepare import prepare
 from bench.train import run
@@ -67,6 +68,7 @@ def test_fewer_than_two_novel_classes_is_refused(tmp_path):
 
 def test_run_reports_novel_zero_shot_and_the_table_has_hm(embedded_root, tmp_path):
     from bench import collect
+    from bench import table_formats
     from bench import tables
 
     make_domainbed_fixture(tmp_path / "data", ["pacs"], per_class=2)
@@ -78,7 +80,7 @@ def test_run_reports_novel_zero_shot_and_the_table_has_hm(embedded_root, tmp_pat
     zs = [r for r in rows if r["role"] == "zeroshot"]
     assert {r["domain"] for r in zs} == set(load_card("pacs").domains) and {r["n"] for r in zs} == {6}
     report = tables.build(collect.load(tmp_path / "runs"), "id,ood_avg,zs_avg,hm")
-    text = tables.render(report, "markdown")
+    text = table_formats.render(report, "markdown")
     assert "HM" in text.splitlines()[0]
     sec = report.sections[0]
     cells = {c: sec.cells[("erm", c)] for c in sec.columns}

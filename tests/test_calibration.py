@@ -12,6 +12,7 @@ import torch
 from bench import calibration as calibration_metrics
 from bench import collect
 from bench import results
+from bench import table_formats
 from bench import tables
 from bench.cli import main
 from bench.config import stable_hash
@@ -197,7 +198,7 @@ def test_a_short_run_logs_the_new_rows_for_every_eval_set(embedded_root, tmp_pat
 
 # ---- cards ---------------------------------------------------------------------------------------------------
 def test_card_metrics_key(tmp_path):
-    from bench.data import CARDS_DIR, load_card
+    from bench.cards import CARDS_DIR, load_card
 
     text = (CARDS_DIR / "embedded.yaml").read_text()
     (tmp_path / "ok.yaml").write_text(text + "metrics: [macro_f1]\n")
@@ -292,7 +293,7 @@ def test_table_values_by_hand(runs):
 def test_table_columns_side_by_side_and_explained_gaps(runs):
     coll = collect.load(runs, cache=False)
     rep = tables.build(coll, "id,ood_avg,ece_ood,nll_ood,worst_ood,macro_f1_ood", "train_val")
-    text = tables.render(rep, "markdown")
+    text = table_formats.render(rep, "markdown")
     head = text.splitlines()[0]
     for h in ("ID", "OOD avg", "OOD ECE", "OOD NLL", "OOD worst", "OOD macro-F1"):
         assert f" {h} " in head
@@ -302,7 +303,7 @@ def test_table_columns_side_by_side_and_explained_gaps(runs):
     # the zeroshot row: one selected run (seed 1, photo) has no calibration rows; macro-F1: no card asks for it
     assert "job " in text and "lacks ece_ood on photo" in text
     assert "no macro_f1 rows in the selected runs (logged only where the dataset card asks for it" in text
-    rec = {(r["row"], r["column"]): r for r in json.loads(tables.render(rep, "json"))["cells"]}
+    rec = {(r["row"], r["column"]): r for r in json.loads(table_formats.render(rep, "json"))["cells"]}
     assert rec[("erm", "OOD NLL")]["unit"] == "nats" and rec[("erm", "OOD NLL")]["mean"] == 1.25
     assert rec[("erm", "OOD ECE")]["unit"] == "%" and rec[("erm", "OOD ECE")]["mean"] == 20.0
 

@@ -66,7 +66,8 @@ def test_file_captioner_names_the_file_and_the_missing_image(tmp_path):
 
 
 def test_embedded_captioner_pairs_each_image_with_its_own_caption(bench_root):
-    from bench.data import build_task, load_card
+    from bench.cards import load_card
+    from bench.data import build_task
 
     card = load_card("embedded")
     task = build_task(card, bench_root, ("sketch",), 0.2, 0)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.data import build_task, check_counts, list_cards, load_card, scan_domain
+from bench.cards import list_cards, load_card
+from bench.data import build_task
+from bench.layouts import check_counts, scan_domain
 from bench.errors import BenchError
 
 REAL_CARDS = ("pacs", "vlcs", "officehome", "terraincognita", "domainnet")

@@ -10,6 +10,7 @@ from bench import collect
 from bench import model_selection
 from bench import config
 from bench import results
+from bench import table_formats
 from bench import tables
 from bench.combine import (COMBINERS, Combiner, average, build_combiner, combine_group, combine_runs, find_runs,
                            group_key, load_builtin_combiners, register_combiner)
@@ -203,7 +204,7 @@ def test_bench_combine_writes_a_run_per_task_that_the_collector_and_table_show(r
     assert {"erm", "erm+soup:uniform", "erm+soup:greedy", "erm+model_stock", "erm+wise:0.5"} <= labels
     chosen = model_selection.select(coll, "train_val")
     assert set(chosen.loc[chosen["label"] == "erm+model_stock", "job_id"]) == {stock.name}
-    text = tables.render(tables.build(coll, "id,ood_avg", "train_val"), "markdown")
+    text = table_formats.render(tables.build(coll, "id,ood_avg", "train_val"), "markdown")
     for label in ("erm+soup:greedy", "erm+soup:uniform", "erm+model_stock"):
         assert f"| {label} " in text
 

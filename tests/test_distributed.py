@@ -136,7 +136,8 @@ GRAD_METHODS = ("erm", "flyp")
 
 
 def method_and_batch(root, name):
-    from bench.data import build_task, load_card
+    from bench.cards import load_card
+    from bench.data import build_task
     from bench.method import build_method
     from bench.models import load_clip
     from tests.test_accumulation import trainer_batch

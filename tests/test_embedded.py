@@ -241,7 +241,8 @@ def test_card_matches_the_generator():
 
 
 def test_a_folder_of_another_generator_version_is_named_not_replaced(benchmark):
-    from bench.data import ensure_generated, load_card
+    from bench.cards import load_card
+    from bench.layouts import ensure_generated
 
     embedded.check_version(benchmark)  # this version's: fine
     manifest = benchmark / "MANIFEST.json"

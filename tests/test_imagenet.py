@@ -14,7 +14,9 @@ from PIL import Image
 
 from bench import config
 from bench import results
-from bench.data import build_task, check_counts, load_card, scan_domain
+from bench.cards import load_card
+from bench.data import build_task
+from bench.layouts import check_counts, scan_domain
 from bench.errors import BenchError
 from bench.evaluate import EvalData, evaluate, predict_classes
 

@@ -3,7 +3,8 @@ arrive, never which: results equal those of loading in the main process."""
 import torch
 
 from bench import results
-from bench.data import build_task, load_card
+from bench.cards import load_card
+from bench.data import build_task
 from bench.evaluate import EvalData
 from bench.models import load_clip
 from bench.train import run

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bench import results
-from bench.data import build_task, load_card
+from bench.cards import load_card
+from bench.data import build_task
 from bench.losses import contrastive_loss, interpolate, kl_divergence
 from bench.method import METHODS, Method, build_method, load_builtin_methods
 from bench.models import load_clip
@@ -30,7 +31,7 @@ def make(embedded_root, name, hparams=None, augment=False):
 def batch_of(task, clip, n=8, step=0, total=10, deterministic=True):
     items = task.train_items()
     idx = torch.arange(0, len(items), max(1, len(items) // n))[:n]
-    images = torch.stack([clip.preprocess_val(__import__("bench.data", fromlist=["load_image"]).load_image(items[i][0]))
+    images = torch.stack([clip.preprocess_val(__import__("bench.layouts", fromlist=["load_image"]).load_image(items[i][0]))
                           for i in idx])
     labels = torch.tensor([items[i][1] for i in idx])
     return {"images": images, "labels": labels, "index": idx, "step": step, "total_steps": total,

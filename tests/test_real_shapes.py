@@ -11,9 +11,10 @@ import yaml
 from PIL import Image
 
 from bench import collect
+from bench import table_formats
 from bench import tables
 from bench.cli import main
-from bench.data import load_card
+from bench.cards import load_card
 from bench.method import METHODS, load_builtin_methods
 from tests.domainbed_fixture import make_domainbed_fixture
 
@@ -67,7 +68,7 @@ def test_every_method_runs_at_vit_b16_shapes_to_the_table(tmp_path):
         assert max(r["step"] for r in rows) == (2 if METHODS.get(record["config"]["method"]).trains else 0)
 
     report = tables.build(collect.load(tmp_path / "runs"), "id,ood_avg")
-    text = tables.render(report, "markdown")
+    text = table_formats.render(report, "markdown")
     sec = report.sections[0]
     assert {m for m, _ in sec.cells} == set(methods), text
     for m in methods:

@@ -22,7 +22,8 @@ from bench import collect
 from bench import tables
 from bench.cli import main
 from bench import sweep as sweeps
-from bench.data import IMAGE_SUFFIXES, load_card
+from bench.cards import load_card
+from bench.layouts import IMAGE_SUFFIXES
 from bench.zeroshot_suite import resolve_suite
 from tests.coop_fixture import make_coop_fixture
 from tests.domainbed_fixture import make_domainbed_fixture

@@ -9,6 +9,7 @@ import yaml
 from bench import config
 from bench import jobs as job_states
 from bench import results
+from bench import search_space
 from bench import sweep as sweeps
 from bench.cli import main
 from bench.errors import BenchError
@@ -124,12 +125,12 @@ def test_draws_depend_on_the_draw_and_the_name_only(embedded_root, tmp_path):
     assert by_draw[0] == {(1e-3, 0.1)}  # draw 0: the configured values, explicitly
     lrs = [next(iter(by_draw[d]))[0] for d in (1, 2, 3)]
     assert len(set(lrs)) == 3 and all(1e-5 <= lr <= 10 ** -3.5 for lr in lrs)
-    assert lrs == [sweeps.draw_value(space["train.lr"], d, "train.lr") for d in (1, 2, 3)]
+    assert lrs == [search_space.draw_value(space["train.lr"], d, "train.lr") for d in (1, 2, 3)]
     # Adding a hyperparameter to the space never changes the draws of the others.
     sw2 = sweeps.load_sweep(sweep_yaml(tmp_path, embedded_root, name="s2", methods=["erm"], search={
         "n_draws": 4, "draw_0": "random", "space": {**space, "train.warmup_steps": ["int_uniform", 0, 5]}}))
     lrs2 = {j.draw: j.cfg.train.lr for j in sweeps.expand(sw2, "s2")}
-    assert [lrs2[d] for d in (1, 2, 3)] == lrs and lrs2[0] == sweeps.draw_value(space["train.lr"], 0, "train.lr")
+    assert [lrs2[d] for d in (1, 2, 3)] == lrs and lrs2[0] == search_space.draw_value(space["train.lr"], 0, "train.lr")
 
 
 def test_method_spaces_overrides_pairs_and_dedup(embedded_root, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from bench import collect
 from bench import metrics
 from bench.errors import BenchError
+from bench import table_formats
 from bench import tables
 from bench.cli import main
 from tests.test_collect import FAILED, RUNNING
@@ -54,7 +55,7 @@ def report(coll, metric, rule, cost=False):
             for (row, col), cell in sec.cells.items():
                 assert cell.mean is not None or cell.notes, (rule, metric, row, col)
         for fmt in EXT:
-            text = tables.render(rep, fmt)
+            text = table_formats.render(rep, fmt)
             assert "KeyError" not in text and not re.search(r"(^|[|&,])\s*X\s*($|[|&,\\])", text, re.M)
         _REPORTS[key] = rep
     return _REPORTS[key]
@@ -73,14 +74,14 @@ def check_golden(name: str, text: str) -> None:
 @pytest.mark.parametrize("rule", RULES)
 def test_golden_tables(coll, rule, fmt):
     """The main table (ood_avg, costs) in every format for every rule."""
-    check_golden(f"{rule}.ood_avg.{EXT[fmt]}", tables.render(report(coll, "ood_avg", rule, cost=True), fmt))
+    check_golden(f"{rule}.ood_avg.{EXT[fmt]}", table_formats.render(report(coll, "ood_avg", rule, cost=True), fmt))
 
 
 @pytest.mark.parametrize("metric", ["ood", "id", "zs_avg"])
 @pytest.mark.parametrize("rule", RULES)
 def test_golden_metric_tables(coll, rule, metric):
     """Per held-out domain (one table per dataset, ImageNet-style averages), ID and zero-shot, as markdown."""
-    check_golden(f"{rule}.{metric}.md", tables.render(report(coll, metric, rule), "markdown"))
+    check_golden(f"{rule}.{metric}.md", table_formats.render(report(coll, metric, rule), "markdown"))
 
 
 @pytest.mark.parametrize("metric", ["ood_avg4", "ood_avg5", "ood:sketch"])
@@ -100,7 +101,7 @@ def test_known_values_in_the_golden_table(coll):
     # SE = population std 0.08 / sqrt(2) = 0.057 (DomainBed's format_mean)
     zs = emb.cells[("zeroshot", "ood:sketch")]
     assert (round(100 * zs.mean, 3), round(100 * zs.se, 3), zs.n) == (62.85, 0.057, 2)
-    assert "62.9 ± 0.1" in tables.render(rep, "markdown")
+    assert "62.9 ± 0.1" in table_formats.render(rep, "markdown")
     # ImageNet-style: erm seed 1 has no ObjectNet rows, so Avg (5) has one seed and Avg (4) two
     assert imn.cells[("erm", "ood_avg5")].n == 1 and imn.cells[("erm", "ood_avg4")].n == 2
     assert imn.headers["ood_avg4"] == "Avg (4)" and list(imn.columns[:5]) == [
@@ -108,12 +109,12 @@ def test_known_values_in_the_golden_table(coll):
 
 
 def test_notes_name_jobs_not_done_and_their_states(coll):
-    text = tables.render(report(coll, "ood_avg", "train_val", cost=True), "markdown")
+    text = table_formats.render(report(coll, "ood_avg", "train_val", cost=True), "markdown")
     assert f"job {FAILED} failed" in text and f"job {RUNNING} running" in text
     assert "0000submitted: submitted, no config.json yet" in text
     assert "runs/13081f729d27/results.jsonl:6" in text  # the corrupt line, in the footer too
     assert "repeated result rows (requeued jobs) counted once" in text
-    lodo = tables.render(report(coll, "ood_avg", "lodo", cost=True), "markdown")
+    lodo = table_formats.render(report(coll, "ood_avg", "lodo", cost=True), "markdown")
     assert "missing painting+sketch (no job folder)" in lodo  # the zeroshot pair run never written
     assert "no runs hold out one domain more" in lodo  # imagenet has no pair runs
     assert "Selection: lodo, leave-one-domain-out" in lodo
@@ -121,17 +122,17 @@ def test_notes_name_jobs_not_done_and_their_states(coll):
 
 def test_csv_and_json_are_tidy(coll):
     rep = tables.build(coll, "ood", "oracle", cost=True)
-    rows = list(csv.DictReader(io.StringIO(tables.to_csv(rep))))
+    rows = list(csv.DictReader(io.StringIO(table_formats.to_csv(rep))))
     assert {r["selection"] for r in rows} == {"oracle"} and {r["table"] for r in rows} == {"embedded", "imagenet"}
     cell = next(r for r in rows if r["table"] == "embedded" and r["row"] == "erm" and r["column"] == "photo")
     assert float(cell["mean"]) > 0 and int(cell["n"]) == 2
-    data = json.loads(tables.to_json(rep))
+    data = json.loads(table_formats.to_json(rep))
     assert data["selection"] == "oracle" and len(data["cells"]) == len(rows)
     assert all(n in data["notes"] for c in data["cells"] for n in c["notes"])
 
 
 def test_latex_escapes_and_uses_booktabs(coll):
-    tex = tables.render(tables.build(coll, "ood", "train_val", cost=True), "latex")
+    tex = table_formats.render(tables.build(coll, "ood", "train_val", cost=True), "latex")
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert "imagenet\\_v2" in tex and "20 \\%" in tex and "±" not in tex
     body = tex.replace("\\\\", "").replace("\\_", "").replace("\\%", "").replace("\\&", "")
@@ -141,7 +142,7 @@ def test_latex_escapes_and_uses_booktabs(coll):
 @pytest.mark.skipif(not shutil.which("pdflatex"), reason="pdflatex not installed")
 def test_latex_compiles(coll, tmp_path):
     doc = ("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage[margin=1cm,landscape]{geometry}\n"
-           "\\begin{document}\n" + tables.render(tables.build(coll, "ood", "lodo", cost=True), "latex") + "\\end{document}\n")
+           "\\begin{document}\n" + table_formats.render(tables.build(coll, "ood", "lodo", cost=True), "latex") + "\\end{document}\n")
     (tmp_path / "t.tex").write_text(doc)
     proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

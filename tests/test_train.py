@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from bench import results
-from bench.data import build_task, load_card
+from bench.cards import load_card
+from bench.data import build_task
 from bench.prepare import prepare
 from bench.train import run
 from tests.conftest import tiny_config

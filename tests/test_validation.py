@@ -9,7 +9,7 @@ from PIL import Image
 
 from bench import config
 from bench.cli import main
-from bench.data import load_card
+from bench.cards import load_card
 from bench.errors import BenchError
 from bench.method import METHODS, load_builtin_methods, resolve_hparams
 from tests.conftest import nest, tiny_config
@@ -234,7 +234,7 @@ def test_a_card_with_a_one_way_column_is_refused(unseen, classes, says, work, ca
 
 
 def test_every_shipped_card_still_loads():
-    from bench.data import list_cards
+    from bench.cards import list_cards
 
     for name in list_cards():
         load_card(name)

@@ -213,11 +213,12 @@ def test_run_writes_suite_rows_at_the_suite_steps(suite_run):
 def test_table_has_the_xd_avg_column(suite_run):
     from bench import collect
     from bench import model_selection
+    from bench import table_formats
     from bench import tables
 
     _, run_dir = suite_run
     report = tables.build(collect.load(run_dir.parent), "id,xd_avg")
-    text = tables.render(report, "markdown")
+    text = table_formats.render(report, "markdown")
     assert "zero-shot (cross-dataset)" in text.splitlines()[0]
     sec = report.sections[0]
     cell = sec.cells[("erm", next(c for c in sec.columns if c.startswith("xd_avg")))]
@@ -227,7 +228,7 @@ def test_table_has_the_xd_avg_column(suite_run):
           and r["step"] == step]
     assert cell.mean == pytest.approx(sum(xd) / len(xd))  # the mean over the suite, at the selected step (a fraction)
     assert f"{100 * sum(xd) / len(xd):.1f}" in text  # rendered in percent
-    wide = tables.render(tables.build(collect.load(run_dir.parent), "xd"), "markdown")
+    wide = table_formats.render(tables.build(collect.load(run_dir.parent), "xd"), "markdown")
     assert "dtd" in wide and "fgvc_aircraft" in wide and "Avg" in wide
 
 

@@ -138,7 +138,7 @@ def file_sha256(path: str | Path, cache: str | Path | None = None) -> str:
 def anchor_image_paths(card, root: str | Path) -> list[str]:
     """Every image some job of a sweep may train on: the seen-class images of every domain (each domain is
     a training domain of some job); for a protocol: shift card, its training set."""
-    from bench.data import scan_domain, scan_set
+    from bench.layouts import scan_domain, scan_set
 
     if card.protocol == "shift":
         return [p for p, _ in scan_set(root, card, card.train_domain)[0]]
@@ -393,7 +393,8 @@ def prepare_sweep(jobs, device: str | None = None, progress: bool = True) -> lis
     """Fill the caches of every distinct ARF anchor input of these jobs (bench prepare-anchors); one line each."""
     import torch
 
-    from bench.data import ensure_generated, load_card, split_classes
+    from bench.cards import load_card, split_classes
+    from bench.layouts import ensure_generated
     from bench.models import load_clip
     from bench.prepare import resolve_device
 

@@ -172,7 +172,7 @@ class CocaCaptioner(Captioner):
 
     @torch.no_grad()
     def caption(self, paths: Sequence[str]) -> list[str]:
-        from bench.data import load_image
+        from bench.layouts import load_image
 
         out: list[str] = []
         for i in range(0, len(paths), self.batch_size):

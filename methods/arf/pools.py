@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from bench.data import IMAGE_SUFFIXES
+from bench.layouts import IMAGE_SUFFIXES
 from bench.errors import BenchError
 from methods.arf.retrieval import PairPool
 

@@ -97,7 +97,7 @@ class PairPool:
         Images without a caption file are skipped with a warning (img2dataset leaves none such,
         but hand-made folders may).
         """
-        from bench.data import IMAGE_SUFFIXES
+        from bench.layouts import IMAGE_SUFFIXES
 
         folder = Path(path)
         if not folder.is_dir():
