@@ -53,8 +53,12 @@ def test_jobs_states_and_folder_problems(coll):
     assert coll.seeds == {"embedded": [0, 1], "imagenet": [0, 1]}
     assert coll.domains["embedded"] == ["photo", "sketch", "cartoon", "painting"]  # the trainer's (card) order
     assert coll.domains["imagenet"][:5] == ["imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet"]
-    # the ImageNet card's ood_averages (datasets/imagenet.yaml) and SHIFT_SUITES agree
-    assert coll.suite("imagenet")["averages"] == metrics.SHIFT_SUITES["imagenet"]["averages"]
+    # the ImageNet card's ood_averages (datasets/imagenet.yaml), read through the card and through the metric
+    # registry (which derives SHIFT_SUITES from the shipped cards: defined once, in the card)
+    assert coll.suite("imagenet")["averages"] == metrics.SHIFT_SUITES["imagenet"]["averages"] == {
+        "ood_avg4": ("Avg (4)", ("imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a")),
+        "ood_avg5": ("Avg (5)", ("imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a", "objectnet"))}
+    assert set(metrics.SHIFT_SUITES) == {"imagenet"} and {"ood_avg4", "ood_avg5"} <= set(metrics.METRICS)
     assert coll.suite("embedded") is None
 
 
