@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from bench.errors import BenchError
 
@@ -55,6 +55,17 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, the line's JSON value, or None if it is not JSON) of each non-blank line of a JSON-lines file."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except ValueError:
+            yield lineno, None
+
+
 def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
     """Rows of a results file (none if it is missing); a corrupt or truncated line is skipped with a warning
     naming the file and the line, and listed in `skipped`."""
@@ -64,13 +75,7 @@ def read_rows(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
     except FileNotFoundError:
         return rows
     with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
+        for lineno, row in json_lines(f):
             if not isinstance(row, dict):
                 log.warning("%s:%d: skipping a corrupt results line", path, lineno)
                 if skipped is not None:

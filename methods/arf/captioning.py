@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from bench.errors import BenchError
-from bench.results import atomic_write
+from bench.results import atomic_write, json_lines
 
 log = logging.getLogger("bench.captioning")  # its name before methods/arf/: CLI and job logs show bench.*
 
@@ -67,13 +67,7 @@ def read_jsonl(path: str | Path, what: str = "captions file") -> list[dict]:
     path = Path(path)
     rows = []
     with open(path, encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
+        for lineno, row in json_lines(lines):
             if not (isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("caption"), str)):
                 raise BenchError(f"{path}:{lineno}: not a JSON object with string 'path' and 'caption' "
                                  f"({what}); fix that line or regenerate the file")
