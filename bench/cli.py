@@ -180,6 +180,7 @@ def _sweep_plan(args):
     sw = sweep.load_sweep(args.file, getattr(args, "set", None) or ())
     kind = getattr(args, "launcher", None) or sw.launcher.kind
     jobs = sweep.select(sweep.expand(sw, args.file), args.only, args.file)
+    launch.check_processes(jobs, sw.launcher, kind, args.file)
     plan = launch.make_plan(jobs, retry=getattr(args, "retry", False), stale_after=sw.launcher.stale_after_s)
     return sw, kind, plan
 

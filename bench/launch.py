@@ -41,7 +41,8 @@ class LocalLauncher:
 class SlurmLauncher:
     partition: str | None = None
     gpus: int = 1  # per job and node; more than 1: one Slurm task per GPU, a distributed job (bench/distributed.py)
-    nodes: int = 1  # per job; more than 1: a distributed job over gpus x nodes tasks
+    nodes: int = 1  # per job; more than 1: a distributed job over tasks_per_node x nodes tasks
+    tasks_per_node: int | None = None  # null: one per GPU (1 for a CPU job); a CPU job (gpus 0) may set more (gloo)
     cpus: int = 8  # per job (also its torch threads)
     mem_gb: float = 32
     time_min: int = 240  # per attempt; a job that times out is requeued and resumes
@@ -67,6 +68,7 @@ LAUNCHERS = ("debug", "local", "slurm")
 
 # launcher.slurm's numbers: key -> (lowest allowed, what it is); max_array_size may also be null
 _SLURM_BOUNDS = {"gpus": (0, "GPUs per job and node; 0 for a CPU job"), "nodes": (1, "nodes per job"),
+                 "tasks_per_node": (1, "processes per node; null: one per GPU"),
                  "cpus": (1, "CPU cores per job"), "mem_gb": (0, "memory per job, GiB"),
                  "time_min": (1, "minutes per attempt"), "array_parallelism": (1, "array tasks running at once"),
                  "max_array_size": (1, "tasks per job array; null: Slurm's MaxArraySize"),
@@ -78,11 +80,43 @@ def _check_slurm(sc: SlurmLauncher, source: str) -> None:
     submitted: sbatch would refuse some only after the job folders exist, and take others (0 nodes, no memory)."""
     for key, (lo, what) in _SLURM_BOUNDS.items():
         value = getattr(sc, key)
-        if value is None and key == "max_array_size":
+        if value is None and key in ("max_array_size", "tasks_per_node"):
             continue
         if value < lo or (key == "mem_gb" and value <= 0):
             bound = "above 0" if key == "mem_gb" else f"at least {lo}"
             raise BenchError(f"{source}: launcher.slurm.{key}: {value!r} is out of range; set it {bound} ({what})")
+    if sc.gpus and sc.tasks_per_node not in (None, sc.gpus):
+        raise BenchError(f"{source}: launcher.slurm.tasks_per_node: {sc.tasks_per_node} with gpus: {sc.gpus}; each "
+                         f"task drives one GPU, so leave tasks_per_node null or set it to {sc.gpus}")
+
+
+def tasks_per_node(sc: SlurmLauncher) -> int:
+    """Slurm tasks (one process, one rank each) per node of a job: one per GPU, or tasks_per_node on a CPU job."""
+    return sc.tasks_per_node or max(1, sc.gpus)
+
+
+def processes(sc: SlurmLauncher) -> int:
+    """Processes (ranks) of one job on Slurm: tasks per node x nodes."""
+    return tasks_per_node(sc) * sc.nodes
+
+
+def check_processes(jobs, lc: LauncherConfig, kind: str, source: str) -> None:
+    """On Slurm, every job can be split over its processes (a method with an accumulation route, a batch of at
+    least processes x accum_steps): checked for the plan, not discovered by each job once it runs."""
+    from bench import distributed
+    from bench.method import METHODS
+
+    world = processes(lc.slurm) if kind == "slurm" else 1
+    if world == 1:
+        return
+    seen = set()
+    for job in jobs:
+        tc = job.cfg.train
+        key = (job.cfg.method, tc.batch_size, tc.accum_steps)
+        if key not in seen:
+            seen.add(key)
+            distributed.check(METHODS.get(job.cfg.method), tc.batch_size, tc.accum_steps, world,
+                              f"{source}: launcher.slurm runs each job as {world} processes")
 
 
 def check_launcher(lc: LauncherConfig, source: str) -> None:
@@ -391,7 +425,8 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
     sc = sweep.launcher.slurm
     # One folder for the whole sweep's logs and pickles (a folder per job would cost 10,000 mkdirs).
     executor = submitit.SlurmExecutor(folder=_submitit_folder(sweep), max_num_timeout=3)
-    params = dict(time=sc.time_min, cpus_per_task=sc.cpus, mem=f"{int(round(sc.mem_gb * 1024))}M",
+    tasks = tasks_per_node(sc)  # --mem is per node: mem_gb is per task
+    params = dict(time=sc.time_min, cpus_per_task=sc.cpus, mem=f"{int(round(sc.mem_gb * 1024 * tasks))}M",
                   array_parallelism=sc.array_parallelism, signal_delay_s=sc.signal_delay_s,
                   job_name=sc.job_name or sweep.name, setup=list(sc.setup),
                   additional_parameters=dict(sc.sbatch) or None)
@@ -399,8 +434,8 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
         params["partition"] = sc.partition
     if sc.gpus:
         params["gpus_per_node"] = sc.gpus
-    if sc.gpus > 1 or sc.nodes > 1:  # one task per GPU, each running the job as one rank (bench/distributed.py)
-        params.update(ntasks_per_node=max(1, sc.gpus), nodes=sc.nodes)
+    if tasks > 1 or sc.nodes > 1:  # one task per GPU (or tasks_per_node), each one rank (bench/distributed.py)
+        params.update(ntasks_per_node=tasks, nodes=sc.nodes)
     try:
         executor.update_parameters(**params)
     except ValueError as err:

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,27 @@ def test_a_sweep_through_slurm_equals_the_same_sweep_run_locally(slurm_cluster, 
         assert acc_rows(a.run_dir) == acc_rows(b.run_dir) and acc_rows(a.run_dir)
     assert main(["sweep", str(on_slurm), "--no-progress"]) == 0  # all done: nothing is submitted again
     assert [job_states.read_json(j.run_dir / job_states.SUBMITTED) for j in jobs] == submitted
+
+
+
+def test_a_job_of_two_slurm_tasks_equals_the_one_process_run(slurm_cluster, embedded_root, tmp_path, one_thread):
+    """launcher.slurm.tasks_per_node: 2 on a CPU job: one job, two Slurm tasks, two gloo ranks (torch's
+    environment exported from Slurm's by submitit), the same global batch: the one-process run's results."""
+    from tests.test_distributed import assert_same_run
+
+    grid = dict(methods=["flyp"], test_domains=[["sketch"]],
+                train={"steps": 4, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 2})
+    two = {**SLURM, "slurm": {**SLURM["slurm"], "tasks_per_node": 2}}
+    path = sweep_yaml(tmp_path / "a", embedded_root, launcher=two, **grid)
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    (job,) = sweep.expand(sweep.load_sweep(path), str(path))
+    assert wait_for([job]) == ["done"], open(job_states.read_json(job.run_dir / job_states.SUBMITTED)["log"]).read()
+    slurm_id = job_states.read_json(job.run_dir / job_states.SUBMITTED)["slurm_job_id"]
+    folder = Path(job_states.read_json(job.run_dir / job_states.SUBMITTED)["log"]).parent
+    logs = "".join(p.read_text() for p in folder.glob(f"{slurm_id}_*_log.out"))  # one log per task
+    assert "rank 0 of 2" in logs and "rank 1 of 2" in logs, logs[-3000:]
+    one = run(job.cfg, tmp_path / "one", progress=False)
+    assert_same_run(job.run_dir, one)
 
 
 

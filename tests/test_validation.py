@@ -159,6 +159,12 @@ def test_bad_sweep_value_fails_before_any_job_folder(case, dry_run, work, embedd
     ({"launcher": {"kind": "debug", "slurm": {"mem_gb": 0}}}, "launcher.slurm.mem_gb: 0.0 is out of range; set it above 0"),
     ({"launcher": {"kind": "debug", "slurm": {"time_min": 0}}}, "launcher.slurm.time_min: 0 is out of range"),
     ({"launcher": {"kind": "debug", "slurm": {"max_array_size": 0}}}, "launcher.slurm.max_array_size: 0"),
+    ({"launcher": {"kind": "debug", "slurm": {"tasks_per_node": 0}}}, "launcher.slurm.tasks_per_node: 0 is out of range"),
+    ({"launcher": {"kind": "debug", "slurm": {"gpus": 4, "tasks_per_node": 2}}},
+     "launcher.slurm.tasks_per_node: 2 with gpus: 4; each task drives one GPU"),
+    # a job of 16 processes cannot split a batch of 12: said for the plan, not by each job on the cluster
+    ({"launcher": {"kind": "slurm", "slurm": {"gpus": 0, "tasks_per_node": 8, "nodes": 2}}},
+     "launcher.slurm runs each job as 16 processes: train.batch_size: 12 is fewer than 16 processes"),
 ])
 def test_bad_sweep_file_keys(top, says, work, embedded_root, capsys):
     tmp_path, before = work
