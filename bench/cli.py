@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="ood_avg",
                    help="ood_avg (default) | id | id_test | zs_avg | hm (of id and zs_avg) | ood (per held-out "
                         "domain) | ood_avg4 | ood_avg5 (ImageNet-style suites) | ood:<domain> | xd_avg (cross-dataset "
-                        "zero-shot suite) | xd (per suite dataset) | xd:<dataset> | worst_ood | hm_id_ood | ece_id | "
-                        "ece_ood | ece_ts_id | ece_ts_ood | nll_id | nll_ood | macro_f1_id | macro_f1_ood; a comma "
-                        "list for several columns")
+                        "zero-shot suite) | xd (per suite dataset) | xd:<dataset> | worst_ood | hm_id_ood | "
+                        "{ece,ece_ts,nll,macro_f1}_{id,ood,zs} (calibration of the ID domains, the held-out ones, "
+                        "the unseen classes); a comma list for several columns")
     p.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "json"])
     p.add_argument("--cost", action="store_true", help="add step time, peak memory and total compute columns")
     p.add_argument("--rows", action="append", help="only rows matching this pattern, e.g. 'erm*' (repeatable)")

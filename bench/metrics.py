@@ -56,15 +56,30 @@ METRICS = {
     "nll_ood": "OOD negative log-likelihood (nats, not %), mean over held-out domains",
     "macro_f1_id": "ID macro-F1 over the classes present (cards with metrics: [macro_f1]), mean over domains",
     "macro_f1_ood": "OOD macro-F1 over the classes present (cards with metrics: [macro_f1]), mean over held-out domains",
+    "ece_zs": "zero-shot ECE on the unseen classes (15 bins, as torchmetrics), mean over domains",
+    "ece_ts_zs": "zero-shot ECE after temperature scaling (T fitted on the ID validation split only), mean over domains",
+    "nll_zs": "zero-shot negative log-likelihood on the unseen classes (nats, not %), mean over domains",
+    "macro_f1_zs": "zero-shot macro-F1 on the unseen classes (cards with metrics: [macro_f1]), mean over domains",
 }
-EXTRA_METRICS = ("ece", "ece_ts", "nll", "macro_f1")  # per-set rows beyond acc that get _id and _ood columns
-NATS = ("nll_id", "nll_ood")  # shown as they are (nats), not as percentages
+EXTRA_METRICS = ("ece", "ece_ts", "nll", "macro_f1")  # per-set rows beyond acc that get _id, _ood and _zs columns
+EXTRA_SUFFIXES = ("_id", "_ood", "_zs")  # ID domains, held-out domains, unseen classes
+NATS = ("nll_id", "nll_ood", "nll_zs")  # shown as they are (nats), not as percentages
+
+
+def extra_split(metric: str) -> tuple[str, str] | None:
+    """'ece_ts_ood' -> ('ece_ts', '_ood'); None for a metric that is not an EXTRA_METRICS column."""
+    for suffix in EXTRA_SUFFIXES:
+        if metric.endswith(suffix) and metric[:-len(suffix)] in EXTRA_METRICS:
+            return metric[:-len(suffix)], suffix
+    return None
 
 # Column headers when a table shows several metrics side by side (--metric id,ood_avg,zs_avg).
 METRIC_HEADERS = {"id": "ID", "id_test": "ID test", "ood_avg": "OOD avg", "zs_avg": "zero-shot", "hm": "HM",
                   "xd_avg": "zero-shot (cross-dataset)", "worst_ood": "OOD worst", "hm_id_ood": "HM (ID, OOD)",
                   "ece_id": "ID ECE", "ece_ood": "OOD ECE", "ece_ts_id": "ID ECE (TS)", "ece_ts_ood": "OOD ECE (TS)",
                   "nll_id": "ID NLL", "nll_ood": "OOD NLL", "macro_f1_id": "ID macro-F1", "macro_f1_ood": "OOD macro-F1",
+                  "ece_zs": "zero-shot ECE", "ece_ts_zs": "zero-shot ECE (TS)", "nll_zs": "zero-shot NLL",
+                  "macro_f1_zs": "zero-shot macro-F1",
                   **{name: f"OOD {label.lower()}" for name, (label, _) in SUITE_AVERAGES.items()}}
 
 

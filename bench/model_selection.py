@@ -56,7 +56,7 @@ class Units:
     steps: pd.DataFrame  # unit, step, id_val, id_test, ood_val, zeroshot, zeroshot_xd (means over domains)
     ood: pd.DataFrame  # unit, step, domain, value (acc of role ood)
     xd: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["unit", "step", "domain", "value"]))
-    extra: pd.DataFrame = field(  # EXTRA_METRICS rows of roles id_val and ood: unit, step, role, domain, metric, value
+    extra: pd.DataFrame = field(  # EXTRA_METRICS rows of roles id_val, ood, zeroshot: unit, step, role, domain, metric, value
         default_factory=lambda: pd.DataFrame(columns=["unit", "step", "role", "domain", "metric", "value"]))
 
 
@@ -81,7 +81,7 @@ def units(coll: collect.Collection) -> Units:
         part = acc.loc[acc["role"] == role, ["unit", "step", "domain", "value"]].copy()
         part["domain"] = part["domain"].astype(str)
         per_domain.append(part.reset_index(drop=True))
-    ex = rows[rows["metric"].isin(metrics.EXTRA_METRICS) & rows["role"].isin(["id_val", "ood"])]
+    ex = rows[rows["metric"].isin(metrics.EXTRA_METRICS) & rows["role"].isin(["id_val", "ood", "zeroshot"])]
     ex = ex[["job", "variant", "step", "role", "domain", "metric", "value"]].merge(pairs, on=["job", "variant"])
     extra = pd.DataFrame({"unit": ex["unit"].to_numpy(), "step": ex["step"].to_numpy(),
                           **{c: ex[c].astype(str).to_numpy() for c in ("role", "domain", "metric")},
@@ -198,9 +198,10 @@ def chosen_values(coll: collect.Collection, chosen: pd.DataFrame, u: Units | Non
         od = at.merge(frame, on=["unit", "step"])
         parts.append(od[GROUP + ["job_id"]].assign(key=prefix + od["domain"], value=od["value"]))
     ex = at.merge(u.extra, on=["unit", "step"])
-    if len(ex):  # <metric>_id: the mean over the ID domains, as id; <metric>_ood:<domain>, as ood:<domain>
-        idv = ex[ex["role"] == "id_val"].groupby(GROUP + ["job_id", "metric"], as_index=False)["value"].mean()
-        parts.append(idv[GROUP + ["job_id"]].assign(key=idv["metric"] + "_id", value=idv["value"]))
+    if len(ex):  # <metric>_id (_zs): the mean over the domains, as id (zs_avg); <metric>_ood:<domain>, as ood:<domain>
+        for role, suffix in (("id_val", "_id"), ("zeroshot", "_zs")):
+            mean = ex[ex["role"] == role].groupby(GROUP + ["job_id", "metric"], as_index=False)["value"].mean()
+            parts.append(mean[GROUP + ["job_id"]].assign(key=mean["metric"] + suffix, value=mean["value"]))
         od = ex[ex["role"] == "ood"]
         parts.append(od[GROUP + ["job_id"]].assign(key=od["metric"] + "_ood:" + od["domain"], value=od["value"]))
     return pd.concat(parts, ignore_index=True)[cols]
@@ -219,9 +220,9 @@ def required(coll: collect.Collection, metric: str, dataset: str) -> pd.DataFram
             pairs += [(t, f"ood:{d}") for d in held]
         elif metric == "hm_id_ood":
             pairs += [(t, "id")] + [(t, f"ood:{d}") for d in held]
-        elif metric.endswith("_id") and metric[:-3] in metrics.EXTRA_METRICS:
+        elif metrics.extra_split(metric) and metrics.extra_split(metric)[1] in ("_id", "_zs"):
             pairs.append((t, metric))
-        elif metric.endswith("_ood") and metric[:-4] in metrics.EXTRA_METRICS:
+        elif metrics.extra_split(metric):  # _ood: per held-out domain
             pairs += [(t, f"{metric}:{d}") for d in held]
         else:
             pairs += [(t, f"ood:{d}") for d in _metric_domains(coll, metric, dataset) if d in held]

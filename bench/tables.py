@@ -212,8 +212,8 @@ def _empty_reason(coll: collect.Collection, metric: str, ds: str, values: pd.Dat
     """Why a metric has no value on a dataset for any row, when the cause is the dataset or the rule."""
     if metric.startswith("ood:") and not model_selection._metric_domains(coll, metric, ds):
         return f"{ds} has no held-out domain {metric[4:]}."
-    base = metric[:-3] if metric.endswith("_id") else metric[:-4] if metric.endswith("_ood") else ""
-    if base in metrics.EXTRA_METRICS:
+    base = (metrics.extra_split(metric) or ("", ""))[0]
+    if base:
         mine = values.loc[values["dataset"] == ds, "key"].astype(str)
         if not (mine.str.startswith(metric + ":") | (mine == metric)).any():
             if base == "macro_f1":

@@ -319,6 +319,31 @@ def test_runs_without_calibration_rows_get_an_explained_empty_cell(tmp_path):
     assert gap.mean is None and "no ece rows in the selected runs" in rep.notes[gap.notes[0] - 1]
 
 
+def test_zero_shot_calibration_columns(tmp_path):
+    """ece_zs, nll_zs: the unseen classes' rows (role zeroshot), the mean over domains as zs_avg, then mean ± SE
+    over trial seeds; a run that logged only their accuracy gets an explained empty cell."""
+    for seed, held in RUNS:
+        job_id = write_run(tmp_path / "zs", "erm", seed, held)
+        ids = RUNS[(seed, held)][0]
+        zs = []
+        for dom, (_, e) in ids.items():
+            base = {"step": 100, "role": "zeroshot", "domain": dom, "split": "out", "n": 50}
+            zs += [{**base, "metric": "acc", "value": .5}, {**base, "metric": "ece", "value": e + .05},
+                   {**base, "metric": "nll", "value": 2.0 + seed}]
+        with open(tmp_path / "zs" / job_id / results.RESULTS, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in zs))
+    coll = collect.load(tmp_path / "zs", cache=False)
+    c = cell(coll, "ece_zs")
+    assert (c.mean, c.n) == (pytest.approx(((.2 + .1) / 2 + (.2 + .3) / 2) / 2 + .05), 2)  # as ece_id, + .05
+    c = cell(coll, "nll_zs")
+    assert (c.mean, c.se, c.nats) == (pytest.approx(2.5), pytest.approx(se(2.0, 3.0)), True)
+    text = table_formats.render(tables.build(coll, "zs_avg,ece_zs,nll_zs,ece_ts_zs", "train_val"), "markdown")
+    assert " zero-shot ECE " in text.splitlines()[0] and " zero-shot NLL " in text.splitlines()[0]
+    erm = next(line for line in text.splitlines() if line.startswith("| erm "))
+    assert "50.0 ± 0.0" in erm and "2.500 ± 0.354" in erm
+    assert "no ece_ts rows in the selected runs" in text  # these runs logged no zero-shot ece_ts
+
+
 def test_cli_table_and_reliability_plot(runs, tmp_path, capsys):
     assert main(["table", "--runs", str(runs), "--metric", "id,ood_avg,ece_ood,ece_ts_ood,hm_id_ood", "--no-cache"]) == 0
     out = capsys.readouterr().out
