@@ -3,7 +3,6 @@
 Without a cluster that answers, these tests skip and say why. .ci/run installs Slurm, starts the cluster,
 runs the suite and stops the cluster.
 """
-import json
 import shutil
 import subprocess
 import time
