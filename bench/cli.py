@@ -23,6 +23,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args) -> None:
     from bench import config
+    from bench import distributed
     from bench.prepare import prepare
     from bench.train import run
 
@@ -31,7 +32,8 @@ def cmd_run(args) -> None:
     prep = prepare(cfg, source)
     out = Path(args.out) if args.out else Path("runs") / prep.job_id
     run(cfg, out, progress=not args.no_progress, source=source, prep=prep)
-    print(out)
+    if distributed.env_world()[0] == 0:  # under torchrun, one line for the job, not one per process
+        print(out)
 
 
 def _print_registry(registry) -> None:

@@ -113,6 +113,28 @@ def test_two_processes_resume_equals_unbroken(embedded_root, tmp_path, tmp_path_
     assert_same_run(tmp_path / "two", want)
 
 
+def test_bench_run_under_torchrun_equals_one_process(embedded_root, tmp_path, tmp_path_factory):
+    """The documented local multi-process command, `torchrun --nproc_per_node 2 -m bench.cli run run.yaml`, as a
+    user types it (torchrun's rendezvous, the CLI, gloo on the CPU): the one-process run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    want = reference(embedded_root, tmp_path_factory, "erm")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config.to_dict(config(embedded_root, "erm"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "bench.cli", "run", str(path), "--out", str(tmp_path / "two"), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(tmp_path / "two")]  # rank 0 prints the run folder
+    assert_same_run(tmp_path / "two", want)
+
+
 def _grads_rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
