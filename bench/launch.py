@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,13 +416,10 @@ def slurm_max_array_size() -> int:
     return 1001  # Slurm's default
 
 
-def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
-    """Job arrays through submitit; returns once they are queued. Each array task gets one job folder."""
+def _slurm_executor(sweep: SweepConfig):
+    """submitit's SlurmExecutor with launcher.slurm's parameters (nothing is submitted or written)."""
     import submitit
 
-    if shutil.which("sbatch") is None:
-        raise BenchError("launcher slurm: sbatch not found on PATH; run on a Slurm login node (or start the test "
-                         "cluster: scripts/slurm-local.sh start), or use --launcher local")
     sc = sweep.launcher.slurm
     # One folder for the whole sweep's logs and pickles (a folder per job would cost 10,000 mkdirs).
     executor = submitit.SlurmExecutor(folder=_submitit_folder(sweep), max_num_timeout=3)
@@ -440,6 +438,46 @@ def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
         executor.update_parameters(**params)
     except ValueError as err:
         raise BenchError(f"launcher.slurm: {str(err).splitlines()[0]}; fix launcher.slurm") from None
+    return executor
+
+
+def check_slurm_submission(sweep: SweepConfig, n_jobs: int, source: str) -> str:
+    """Ask this cluster's sbatch whether it would take the sweep's job arrays (`sbatch --test-only` on the script
+    submitit would submit: partition, GPUs, memory, CPUs, tasks, account, ...), before any job folder is written.
+    Raises a one-line BenchError naming the file when it would not; returns what was checked, for the plan."""
+    if shutil.which("sbatch") is None:
+        return "launcher.slurm not checked: sbatch is not on PATH here (sbatch checks it when the sweep is submitted)"
+    try:
+        from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor submits (not public API)
+    except ImportError:
+        return "launcher.slurm not checked: this submitit has no _make_sbatch_string (sbatch checks it at submission)"
+    executor = _slurm_executor(sweep)
+    size = sweep.launcher.slurm.max_array_size or slurm_max_array_size()
+    text = _make_sbatch_string(command="true", folder=executor.folder, map_count=max(1, min(n_jobs, size)),
+                               **executor.parameters)
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="bench-sbatch-") as script:
+        script.write(text)
+        script.flush()
+        try:
+            done = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as err:
+            return f"launcher.slurm not checked: sbatch --test-only did not answer ({type(err).__name__})"
+    lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+    if done.returncode != 0:
+        why = lines[-1].removeprefix("sbatch: error: ") if lines else f"exit status {done.returncode}"
+        raise BenchError(f"{source}: launcher.slurm: this cluster's sbatch would refuse the jobs ({why}); fix "
+                         f"launcher.slurm (partition, gpus, tasks_per_node, cpus, mem_gb, time_min, sbatch) for it")
+    return "launcher.slurm checked: sbatch --test-only accepts the job array" + (
+        f" ({lines[-1].removeprefix('sbatch: ')})" if lines else "")
+
+
+def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
+    """Job arrays through submitit; returns once they are queued. Each array task gets one job folder."""
+    if shutil.which("sbatch") is None:
+        raise BenchError("launcher slurm: sbatch not found on PATH; run on a Slurm login node (or start the test "
+                         "cluster: scripts/slurm-local.sh start), or use --launcher local")
+    sc = sweep.launcher.slurm
+    executor = _slurm_executor(sweep)
     task = task or job_states.JobTask(threads=sc.cpus, heartbeat_s=sweep.launcher.heartbeat_s)
     size = sc.max_array_size or slurm_max_array_size()
     report = Report()

@@ -72,6 +72,30 @@ def test_a_sweep_through_slurm_equals_the_same_sweep_run_locally(slurm_cluster, 
 
 
 
+@pytest.mark.parametrize("slurm, says", [
+    ({"partition": "no_such_partition"}, "Invalid partition name specified"),
+    ({"mem_gb": 4096}, "Requested node configuration is not available"),
+    ({"gpus": 1}, "Invalid generic resource (gres) specification"),  # this cluster's node has no GPUs
+])
+def test_the_dry_run_asks_sbatch_and_a_refused_sweep_writes_nothing(slurm_cluster, embedded_root, tmp_path, capsys,
+                                                                   slurm, says):
+    """sbatch --test-only on the script submitit would submit: what this cluster would refuse is one line naming
+    the file, at the dry run and before a real run writes any job folder."""
+    path = sweep_yaml(tmp_path, embedded_root, methods=["erm"],
+                      launcher={**SLURM, "slurm": {**SLURM["slurm"], **slurm}})
+    for dry in (["--dry-run"], []):
+        assert main(["sweep", str(path), "--no-progress", *dry]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: launcher.slurm: this cluster's sbatch would "
+                                                       f"refuse the jobs") and says in lines[0], lines
+        assert not (tmp_path / "runs").exists()
+    good = sweep_yaml(tmp_path / "good", embedded_root, methods=["erm"], launcher=SLURM)
+    assert main(["sweep", str(good), "--no-progress", "--dry-run"]) == 0
+    assert "launcher.slurm checked: sbatch --test-only accepts the job array" in capsys.readouterr().err
+    assert not (tmp_path / "good" / "runs").exists()
+
+
+
 def test_a_job_of_two_slurm_tasks_equals_the_one_process_run(slurm_cluster, embedded_root, tmp_path, one_thread):
     """launcher.slurm.tasks_per_node: 2 on a CPU job: one job, two Slurm tasks, two gloo ranks (torch's
     environment exported from Slurm's by submitit), the same global batch: the one-process run's results."""

@@ -384,3 +384,17 @@ def test_compute_estimate_times_jobs_by_their_finished_siblings_and_counts_every
     assert f"2 jobs, {2 * done.steps:,} training steps" in line, line
     assert f"~{seconds * 8 / 3600:,.1f} GPU-h" in line and "timed on 1 finished job" in line, line
     assert "GPU-h" not in launch.status_text(str(path), sweep, plan, "local")
+
+
+def test_a_slurm_dry_run_without_sbatch_says_what_it_could_not_check(embedded_root, tmp_path, capsys, monkeypatch):
+    """Planning a Slurm sweep on a laptop: the plan, and one line saying that sbatch will check launcher.slurm
+    (tests/test_slurm.py asks a real cluster's sbatch --test-only)."""
+    from bench import launch
+
+    real_which = launch.shutil.which
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None if name == "sbatch" else real_which(name))
+    path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], launcher={"kind": "slurm", "slurm": {"gpus": 4}})
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "launcher.slurm not checked: sbatch is not on PATH here" in err and "to launch: 1" in err
+    assert not (tmp_path / "runs").exists()
