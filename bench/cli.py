@@ -192,7 +192,9 @@ def cmd_sweep(args) -> None:
 
     sw, kind, plan = _sweep_plan(args)
     if kind == "slurm" and plan.to_launch:  # before the plan is shown or any job folder written
-        checked = launch.check_slurm_submission(sw, len(plan.to_launch), args.file)
+        from bench import slurm
+
+        checked = slurm.check_submission(sw, len(plan.to_launch), args.file)
     print(launch.status_text(args.file, sw, plan, kind), file=sys.stderr)
     if kind == "slurm" and plan.to_launch:
         print(f"  {checked}", file=sys.stderr)

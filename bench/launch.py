@@ -10,10 +10,7 @@ import json
 import logging
 import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +276,9 @@ def launch(jobs: list[Job], sweep: SweepConfig, kind: str | None = None, progres
     if kind == "local":
         return _launch_local(jobs, sweep, progress, workers, task)
     if kind == "slurm":
-        return _launch_slurm(jobs, sweep, task)
+        from bench import slurm
+
+        return slurm.launch_slurm(jobs, sweep, task)
     raise BenchError(f"launcher {kind!r} is not one of debug, local, slurm")
 
 
@@ -294,7 +293,8 @@ def _draw_generated_data(jobs: list[Job], progress: bool) -> None:
             ensure_generated(card, root, progress)
 
 
-def _submitit_folder(sweep: SweepConfig) -> Path:
+def submitit_folder(sweep: SweepConfig) -> Path:
+    """Where submitit keeps a sweep's pickles and (Slurm) logs: one folder for the whole sweep."""
     return Path(sweep.output).resolve() / ".submitit"
 
 
@@ -303,7 +303,7 @@ def _launch_debug(jobs: list[Job], sweep: SweepConfig, task) -> Report:
     import submitit
 
     task = task or job_states.JobTask(heartbeat_s=sweep.launcher.heartbeat_s)
-    executor = submitit.DebugExecutor(folder=_submitit_folder(sweep) / "debug")
+    executor = submitit.DebugExecutor(folder=submitit_folder(sweep) / "debug")
     report = Report()
     for job in jobs:
         write_folder(job, "debug")
@@ -401,106 +401,6 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
         raise
     finally:
         bar.close()
-    return report
-
-
-def slurm_max_array_size() -> int:
-    """Slurm's MaxArraySize (array indices run 0 .. MaxArraySize - 1)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-        for line in out.splitlines():
-            if line.strip().startswith("MaxArraySize"):
-                return int(line.split("=", 1)[1].strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
-        pass
-    return 1001  # Slurm's default
-
-
-def _slurm_executor(sweep: SweepConfig):
-    """submitit's SlurmExecutor with launcher.slurm's parameters (nothing is submitted or written)."""
-    import submitit
-
-    sc = sweep.launcher.slurm
-    # One folder for the whole sweep's logs and pickles (a folder per job would cost 10,000 mkdirs).
-    executor = submitit.SlurmExecutor(folder=_submitit_folder(sweep), max_num_timeout=3)
-    tasks = tasks_per_node(sc)  # --mem is per node: mem_gb is per task
-    params = dict(time=sc.time_min, cpus_per_task=sc.cpus, mem=f"{int(round(sc.mem_gb * 1024 * tasks))}M",
-                  array_parallelism=sc.array_parallelism, signal_delay_s=sc.signal_delay_s,
-                  job_name=sc.job_name or sweep.name, setup=list(sc.setup),
-                  additional_parameters=dict(sc.sbatch) or None)
-    if sc.partition:
-        params["partition"] = sc.partition
-    if sc.gpus:
-        params["gpus_per_node"] = sc.gpus
-    if tasks > 1 or sc.nodes > 1:  # one task per GPU (or tasks_per_node), each one rank (bench/distributed.py)
-        params.update(ntasks_per_node=tasks, nodes=sc.nodes)
-    try:
-        executor.update_parameters(**params)
-    except ValueError as err:
-        raise BenchError(f"launcher.slurm: {str(err).splitlines()[0]}; fix launcher.slurm") from None
-    return executor
-
-
-def check_slurm_submission(sweep: SweepConfig, n_jobs: int, source: str) -> str:
-    """Ask this cluster's sbatch whether it would take the sweep's job arrays (`sbatch --test-only` on the script
-    submitit would submit: partition, GPUs, memory, CPUs, tasks, account, ...), before any job folder is written.
-    Raises a one-line BenchError naming the file when it would not; returns what was checked, for the plan."""
-    if shutil.which("sbatch") is None:
-        return "launcher.slurm not checked: sbatch is not on PATH here (sbatch checks it when the sweep is submitted)"
-    try:
-        from submitit.slurm.slurm import _make_sbatch_string  # what SlurmExecutor submits (not public API)
-    except ImportError:
-        return "launcher.slurm not checked: this submitit has no _make_sbatch_string (sbatch checks it at submission)"
-    executor = _slurm_executor(sweep)
-    size = sweep.launcher.slurm.max_array_size or slurm_max_array_size()
-    text = _make_sbatch_string(command="true", folder=executor.folder, map_count=max(1, min(n_jobs, size)),
-                               **executor.parameters)
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="bench-sbatch-") as script:
-        script.write(text)
-        script.flush()
-        try:
-            done = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as err:
-            return f"launcher.slurm not checked: sbatch --test-only did not answer ({type(err).__name__})"
-    lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-    if done.returncode != 0:
-        why = lines[-1].removeprefix("sbatch: error: ") if lines else f"exit status {done.returncode}"
-        raise BenchError(f"{source}: launcher.slurm: this cluster's sbatch would refuse the jobs ({why}); fix "
-                         f"launcher.slurm (partition, gpus, tasks_per_node, cpus, mem_gb, time_min, sbatch) for it")
-    return "launcher.slurm checked: sbatch --test-only accepts the job array" + (
-        f" ({lines[-1].removeprefix('sbatch: ')})" if lines else "")
-
-
-def _launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
-    """Job arrays through submitit; returns once they are queued. Each array task gets one job folder."""
-    if shutil.which("sbatch") is None:
-        raise BenchError("launcher slurm: sbatch not found on PATH; run on a Slurm login node (or start the test "
-                         "cluster: scripts/slurm-local.sh start), or use --launcher local")
-    sc = sweep.launcher.slurm
-    executor = _slurm_executor(sweep)
-    task = task or job_states.JobTask(threads=sc.cpus, heartbeat_s=sweep.launcher.heartbeat_s)
-    size = sc.max_array_size or slurm_max_array_size()
-    report = Report()
-    for start in range(0, len(jobs), size):
-        chunk = jobs[start:start + size]
-        infos = [write_folder(job, "slurm") for job in chunk]
-        try:
-            subs = executor.map_array(task, [str(j.run_dir) for j in chunk])
-        except Exception as err:  # noqa: BLE001  (sbatch refused: nothing of this chunk is queued)
-            for job in chunk:
-                job_states.unmark(job.run_dir)
-            first = str(err).strip().splitlines()
-            raise BenchError(f"sbatch refused the array ({first[-1] if first else type(err).__name__}); "
-                             f"check launcher.slurm (partition, gpus, mem, time, sbatch)") from None
-        folder = str(_submitit_folder(sweep))
-        for job, sub, info in zip(chunk, subs, infos):  # submitit's file names, without its slow path helpers
-            job_states.write_submitted(job.run_dir, {**info, "slurm_job_id": sub.job_id,
-                                            "log": f"{folder}/{sub.job_id}_0_log.out",
-                                            "err": f"{folder}/{sub.job_id}_0_log.err"})
-        report.launched += len(chunk)
-        array_id = subs[0].job_id.split("_")[0]
-        report.slurm_ids.append(array_id)
-        log.info("slurm array %s: %d jobs", array_id, len(chunk))
     return report
 
 

@@ -389,10 +389,10 @@ def test_compute_estimate_times_jobs_by_their_finished_siblings_and_counts_every
 def test_a_slurm_dry_run_without_sbatch_says_what_it_could_not_check(embedded_root, tmp_path, capsys, monkeypatch):
     """Planning a Slurm sweep on a laptop: the plan, and one line saying that sbatch will check launcher.slurm
     (tests/test_slurm.py asks a real cluster's sbatch --test-only)."""
-    from bench import launch
+    from bench import slurm
 
-    real_which = launch.shutil.which
-    monkeypatch.setattr(launch.shutil, "which", lambda name: None if name == "sbatch" else real_which(name))
+    real_which = slurm.shutil.which
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None if name == "sbatch" else real_which(name))
     path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], launcher={"kind": "slurm", "slurm": {"gpus": 4}})
     assert main(["sweep", str(path), "--dry-run"]) == 0
     err = capsys.readouterr().err
