@@ -2,6 +2,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -326,11 +327,16 @@ def test_extends_merges_over_the_parent_and_refuses_cycles(embedded_root, tmp_pa
 
 
 # ---- the shipped sweep files ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["quickstart", "embedded", "domainbed", "domainbed_b2n", "imagenet"])
+SHIPPED_SWEEPS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "sweeps").glob("*.yaml"))
+
+
+def test_the_main_sweeps_are_shipped():
+    assert {"quickstart", "embedded", "domainbed", "domainbed_b2n", "imagenet"} <= set(SHIPPED_SWEEPS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_SWEEPS)
 def test_shipped_sweeps_expand(name):
     """Every job of the shipped sweeps validates (their data need not be here for that)."""
-    from pathlib import Path
-
     path = Path(__file__).resolve().parent.parent / "sweeps" / f"{name}.yaml"
     if not path.is_file():
         pytest.skip(f"{path} is not shipped")
