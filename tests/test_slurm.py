@@ -118,9 +118,12 @@ def test_a_job_of_two_slurm_tasks_equals_the_one_process_run(slurm_cluster, embe
 
 
 
+# 2 tasks: every rank of a requeued 2-process job loads the checkpoint (~1 min more: slow)
+@pytest.mark.parametrize("tasks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_job_requeued_half_way_resumes_and_ends_as_an_unbroken_run(slurm_cluster, embedded_root, slow_plugin,
-                                                                     tmp_path, monkeypatch, one_thread):
-    path = sweep_yaml(tmp_path, embedded_root, methods=["slow_erm"], plugins=[str(slow_plugin)], launcher=SLURM,
+                                                                     tmp_path, monkeypatch, one_thread, tasks):
+    launcher = {**SLURM, "slurm": {**SLURM["slurm"], "tasks_per_node": tasks}}
+    path = sweep_yaml(tmp_path, embedded_root, methods=["slow_erm"], plugins=[str(slow_plugin)], launcher=launcher,
                       train={"steps": 96, "eval_every": 8, "checkpoint_every": 2})
     # ~0.25 s a step: the requeue at step 8 leaves ~20 s of work. Slurm's kill lands ~7 s after a requeue here
     # (KillWait=2, then slurmstepd's own delays); with fewer steps the job could finish first (then the requeued
@@ -148,11 +151,18 @@ def test_a_job_requeued_half_way_resumes_and_ends_as_an_unbroken_run(slurm_clust
             break
         time.sleep(0.5)
     assert wait_for([job], timeout=300) == ["done"]
-    log_text = open(job_states.read_json(job.run_dir / job_states.SUBMITTED)["log"]).read()
-    assert "resuming from step" in log_text, log_text[-3000:]
+    log = Path(job_states.read_json(job.run_dir / job_states.SUBMITTED)["log"])
+    logs = [(log.parent / f"{slurm_id}_{rank}_log.out").read_text() for rank in range(tasks)]  # one per task
+    assert all("resuming from step" in text for text in logs), logs[0][-3000:]
 
     monkeypatch.setenv("SLOW_ERM_SLEEP", "0")  # the reference need not take its time
-    unbroken = run(job.cfg, tmp_path / "unbroken", progress=False)
+    unbroken = tmp_path / "unbroken"
+    if tasks == 1:
+        run(job.cfg, unbroken, progress=False)
+    else:  # the same 2 gloo ranks, unbroken, outside Slurm: the same sums in the same order
+        from tests.test_distributed import run_processes
+
+        run_processes(job.cfg, unbroken, world=tasks)
     assert acc_rows(job.run_dir) == acc_rows(unbroken)
     a = torch.load(job.run_dir / results.FINAL)["method"]
     b = torch.load(unbroken / results.FINAL)["method"]

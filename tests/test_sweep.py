@@ -43,6 +43,8 @@ from methods.erm import ERM
 @register_method("slow_erm")
 class SlowERM(ERM):
     '''ERM that takes its time, so that a test can stop it half-way.'''
+    loss_is_mean = True  # ERM's mean loss, later: a step may be split over processes
+
     def loss(self, batch):
         time.sleep(float(os.environ.get('SLOW_ERM_SLEEP', '0.2')))
         return super().loss(batch)
