@@ -177,15 +177,17 @@ class Heartbeat:
     owner: a local sweep's token; when that process is gone, the job kills itself (a local sweep's jobs
     end with it, as they would on a cluster whose scheduler died)."""
 
-    def __init__(self, run_dir: Path, every: float = HEARTBEAT_S, owner: str | None = None):
+    def __init__(self, run_dir: Path, every: float = HEARTBEAT_S, owner: str | None = None, write: bool = True):
         self.path = Path(run_dir) / HEARTBEAT
         self.every = every
         self.owner = owner
+        self.write = write  # False: only watch the owner (the other ranks of a multi-process job)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
     def start(self) -> "Heartbeat":
-        _write_json(self.path, {**this_process(), "time": time.time(), "slurm_job_id": _slurm_job_id()})
+        if self.write:
+            _write_json(self.path, {**this_process(), "time": time.time(), "slurm_job_id": _slurm_job_id()})
         self._thread.start()
         return self
 
@@ -195,7 +197,7 @@ class Heartbeat:
             if self.owner and not _owner_alive(self.owner):
                 log.error("the sweep that launched this job is gone; stopping")
                 os.kill(os.getpid(), 9)
-            if time.monotonic() - last >= self.every:
+            if self.write and time.monotonic() - last >= self.every:
                 try:
                     os.utime(self.path)
                 except FileNotFoundError:  # removed by a relaunch: this attempt is no longer the job's
@@ -208,12 +210,18 @@ class Heartbeat:
 
 
 def _export_distributed_env() -> int:
-    """A job running as several Slurm tasks (launcher.slurm gpus or nodes > 1): torch's environment (RANK,
-    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from Slurm's, through submitit; -> this task's rank."""
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+    """A job running as several tasks (launcher.slurm gpus, tasks_per_node or nodes > 1; launcher.local.processes
+    > 1): torch's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from Slurm's or submitit's
+    local one, through submitit; -> this task's rank."""
+    local = os.environ.get("SUBMITIT_EXECUTOR") == "local"  # a local sweep's job, even inside a Slurm allocation
+    ntasks = os.environ.get("SUBMITIT_LOCAL_NTASKS" if local else "SLURM_NTASKS", "1")
+    if int(ntasks or 1) > 1 and ("SUBMITIT_LOCAL_GLOBALID" if local else "SLURM_PROCID") in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
-        return TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True).rank
+        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if local:  # every rank on this machine: loopback, not the host name (which may not resolve)
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+        return env.rank
     return int(os.environ.get("RANK", "0") or 0)
 
 
@@ -253,7 +261,8 @@ class JobTask(_Checkpointable):
             logging.getLogger("bench").setLevel(logging.INFO)
             logging.getLogger("bench").propagate = False  # a library's logging.info() may configure the root
         rank = _export_distributed_env()
-        beat = Heartbeat(run_dir, self.heartbeat_s, self.owner) if rank == 0 else None  # one per job: rank 0's
+        # one heartbeat file per job (rank 0's); every rank of a local job watches its sweep, to end with it
+        beat = Heartbeat(run_dir, self.heartbeat_s, self.owner, write=rank == 0) if rank == 0 or self.owner else None
         if beat is not None:
             beat.start()
         try:
@@ -268,6 +277,9 @@ class JobTask(_Checkpointable):
             cfg = config.from_dict(config.RunConfig, record["config"], str(run_dir / CONFIG))
             run(cfg, run_dir, progress=False, source=str(run_dir / CONFIG))
         except Exception:
+            if self.owner and not _owner_alive(self.owner):  # a rank whose peer ended with the sweep: not a failure
+                log.error("the sweep that launched this job is gone; stopping")
+                raise
             atomic_write_text(run_dir / FAILED, traceback.format_exc())
             raise
         finally:  # KeyboardInterrupt / SystemExit (cancel, requeue): neither done nor failed

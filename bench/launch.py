@@ -6,10 +6,12 @@ folder (config.json, `submitted`) and hand the job its folder alone (bench.jobs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,8 +33,9 @@ SHOWN_STATES = ("done", "running", "submitted", "failed", "stale", "missing")
 # ---- configuration (a sweep file's `launcher:` section) ---------------------------------------------
 @dataclass(frozen=True)
 class LocalLauncher:
-    workers: Any = "auto"  # jobs at once; auto: one per GPU, else one per core
-    threads: Any = "auto"  # torch threads per job; auto: cores // workers
+    workers: Any = "auto"  # jobs at once; auto: one per `processes` GPUs, else one per `processes` cores
+    threads: Any = "auto"  # torch threads per process; auto: cores // (workers x processes)
+    processes: int = 1  # per job; more than 1: a distributed job of that many ranks, one GPU each where there are GPUs
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def check_processes(jobs, lc: LauncherConfig, kind: str, source: str) -> None:
     from bench import distributed
     from bench.method import METHODS
 
-    world = processes(lc.slurm) if kind == "slurm" else 1
+    world = {"slurm": processes(lc.slurm), "local": lc.local.processes}.get(kind, 1)
+    where = "launcher.slurm" if kind == "slurm" else "launcher.local"
     if world == 1:
         return
     seen = set()
@@ -114,7 +118,7 @@ def check_processes(jobs, lc: LauncherConfig, kind: str, source: str) -> None:
         if key not in seen:
             seen.add(key)
             distributed.check(METHODS.get(job.cfg.method), tc.batch_size, tc.accum_steps, world,
-                              f"{source}: launcher.slurm runs each job as {world} processes")
+                              f"{source}: {where} runs each job as {world} processes")
 
 
 def check_launcher(lc: LauncherConfig, source: str) -> None:
@@ -125,6 +129,9 @@ def check_launcher(lc: LauncherConfig, source: str) -> None:
         value = getattr(lc.local, key)
         if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise BenchError(f"{source}: launcher.local.{key} must be auto or a positive integer, got {value!r}")
+    if lc.local.processes < 1:
+        raise BenchError(f"{source}: launcher.local.processes: {lc.local.processes} is out of range; set it at least 1 "
+                         f"(processes per job)")
     _check_slurm(lc.slurm, source)
 
 
@@ -321,8 +328,10 @@ def _launch_debug(jobs: list[Job], sweep: SweepConfig, task) -> Report:
     return report
 
 
-def local_resources(n_jobs: int, workers: int | str | None, threads: int | str | None) -> tuple[int, int, list[int]]:
-    """(workers, torch threads per job, GPU ids): one job per GPU, else one per core; threads = cores // workers."""
+def local_resources(n_jobs: int, workers: int | str | None, threads: int | str | None,
+                    processes: int = 1) -> tuple[int, int, list[int]]:
+    """(workers, torch threads per process, GPU ids): one job per `processes` GPUs, else per `processes` cores;
+    threads = cores // (workers x processes)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus: list[int] = []
     try:
@@ -332,12 +341,38 @@ def local_resources(n_jobs: int, workers: int | str | None, threads: int | str |
             gpus = list(range(torch.cuda.device_count()))
     except ImportError:  # pragma: no cover
         pass
+    if gpus and processes > len(gpus):
+        raise BenchError(f"launcher.local.processes: {processes} processes a job, one GPU each, but this machine has "
+                         f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''}; set it to at most {len(gpus)}")
     if workers in (None, "auto"):
-        workers = len(gpus) or cores
+        workers = len(gpus) // processes if gpus else cores // processes
     workers = max(1, min(int(workers), n_jobs))
+    if gpus:  # every running job holds its own GPUs
+        workers = min(workers, len(gpus) // processes)
     if threads in (None, "auto"):
-        threads = max(1, cores // workers)
+        threads = max(1, cores // (workers * processes))
     return workers, int(threads), gpus
+
+
+@contextlib.contextmanager
+def _master_port(processes: int):
+    """For a job of several local processes: MASTER_PORT, a port free now, in the environment that submitit's
+    LocalExecutor hands to the job (copied at submission); the sweep's own environment is restored after."""
+    if processes == 1:
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = os.environ.get("MASTER_PORT")
+    os.environ["MASTER_PORT"] = str(port)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MASTER_PORT", None)
+        else:
+            os.environ["MASTER_PORT"] = before
 
 
 def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: int | None, task) -> Report:
@@ -349,13 +384,13 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
     from tqdm.auto import tqdm
 
     lc = sweep.launcher.local
-    workers, threads, gpus = local_resources(len(jobs), workers or lc.workers, lc.threads)
+    workers, threads, gpus = local_resources(len(jobs), workers or lc.workers, lc.threads, lc.processes)
     task = task or job_states.JobTask(threads=threads, heartbeat_s=sweep.launcher.heartbeat_s,
                                       owner=job_states.owner_token())
-    log.info("local launcher: %d jobs, %d at once, %d torch threads each%s", len(jobs), workers, threads,
-             f", GPUs {gpus}" if gpus else "")
+    log.info("local launcher: %d jobs, %d at once, %s%d torch threads each%s", len(jobs), workers,
+             f"{lc.processes} processes a job, " if lc.processes > 1 else "", threads, f", GPUs {gpus}" if gpus else "")
     pending = collections.deque(jobs)
-    running: dict[str, tuple[Job, object, int | None]] = {}
+    running: dict[str, tuple[Job, object, list[int]]] = {}
     free_gpus = list(gpus)
     report = Report()
     bar = tqdm(total=len(jobs), disable=not progress, unit="job", desc=sweep.name, dynamic_ncols=True)
@@ -363,21 +398,21 @@ def _launch_local(jobs: list[Job], sweep: SweepConfig, progress: bool, workers: 
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.popleft()
-                gpu = free_gpus.pop(0) if free_gpus else None
+                group = [free_gpus.pop(0) for _ in range(lc.processes)] if free_gpus else []
                 executor = submitit.LocalExecutor(folder=job.run_dir / "logs")
-                executor.update_parameters(timeout_min=60 * 24 * 365, gpus_per_node=1 if gpu is not None else 0,
-                                           visible_gpus=[gpu] if gpu is not None else ())
+                executor.update_parameters(timeout_min=60 * 24 * 365, gpus_per_node=len(group), visible_gpus=group,
+                                           tasks_per_node=lc.processes)
                 write_folder(job, "local")
-                sub = executor.submit(task, str(job.run_dir))
+                with _master_port(lc.processes):  # the job's ranks meet on a port that was free
+                    sub = executor.submit(task, str(job.run_dir))
                 job_states.update_submitted(job.run_dir, local_pid=sub.job_id, log=str(sub.paths.stdout),
                                    err=str(sub.paths.stderr))
-                running[job.job_id] = (job, sub, gpu)
+                running[job.job_id] = (job, sub, group)
                 report.launched += 1
             time.sleep(0.2)
             for key in [k for k, (_, sub, _) in running.items() if sub.done()]:
-                job, sub, gpu = running.pop(key)
-                if gpu is not None:
-                    free_gpus.append(gpu)
+                job, sub, group = running.pop(key)
+                free_gpus.extend(group)
                 state = job_states.job_state(job.run_dir)
                 if state == "done":
                     report.done += 1

@@ -406,3 +406,29 @@ def test_a_slurm_dry_run_without_sbatch_says_what_it_could_not_check(embedded_ro
     err = capsys.readouterr().err
     assert "launcher.slurm not checked: sbatch is not on PATH here" in err and "to launch: 1" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_job_of_two_processes_equals_the_one_process_run(embedded_root, tmp_path, one_thread):
+    """launcher.local.processes: 2: each job runs as 2 ranks (submitit's local tasks, gloo on the CPU; one GPU
+    each on a GPU machine), the same global batch: the one-process run's results."""
+    from bench.train import run
+    from tests.test_distributed import assert_same_run
+
+    local = {"kind": "local", "heartbeat_s": 1, "local": {"workers": 1, "threads": 1, "processes": 2}}
+    path = sweep_yaml(tmp_path, embedded_root, methods=["flyp"], launcher=local,
+                      train={"steps": 4, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 2})
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    (job,) = sweeps.expand(sweeps.load_sweep(path), str(path))
+    logs = "".join(p.read_text() for p in (job.run_dir / "logs").glob("*_log.out"))  # one log per process
+    assert "rank 0 of 2" in logs and "rank 1 of 2" in logs, logs[-3000:]
+    assert "MASTER_PORT" not in os.environ  # the port went to the job, not into this process for good
+    assert_same_run(job.run_dir, run(job.cfg, tmp_path / "one", progress=False))
+
+
+def test_local_processes_that_a_job_cannot_split_are_refused_at_the_dry_run(embedded_root, tmp_path, capsys):
+    local = {"kind": "local", "local": {"processes": 16}}
+    path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], launcher=local)
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}: launcher.local runs each job as 16 processes: train.batch_size: 12 is fewer than "
+                   f"16 processes x train.accum_steps 1; set it to at least 16"]

@@ -101,3 +101,35 @@ def test_a_preempted_job_is_requeued_by_submitit_and_resumes(embedded_root, slow
     assert "resuming from step" in sub.stdout()
     monkeypatch.setenv("SLOW_ERM_SLEEP", "0")
     assert acc_rows(job.run_dir) == acc_rows(run(job.cfg, tmp_path / "ref", progress=False))
+
+
+@pytest.mark.slow
+def test_every_process_of_a_multi_process_local_job_dies_with_its_sweep(embedded_root, slow_plugin, tmp_path):
+    """launcher.local.processes: 2: rank 1 writes no heartbeat but watches the sweep too, so a SIGKILLed sweep
+    leaves no rank waiting at a barrier (for its 2 h timeout)."""
+    path = sweep_yaml(tmp_path, embedded_root, methods=["slow_erm"], plugins=[str(slow_plugin)],
+                      train={"steps": 200, "eval_every": 50}, launcher={
+                          "kind": "local", "heartbeat_s": 1, "local": {"workers": 1, "threads": 1, "processes": 2}})
+    (job,) = sweep.expand(sweep.load_sweep(path), str(path))
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "sweep", str(path), "--no-progress"],
+                            env={**os.environ, "SLOW_ERM_SLEEP": "0.1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def job_processes():
+        out = subprocess.run(["pgrep", "-f", str(job.run_dir)], capture_output=True, text=True).stdout
+        return out.split()
+
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and _checkpoint_step(job.run_dir) == 0:
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.2)
+        assert len(job_processes()) >= 2  # the controller and its 2 ranks
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 20  # each rank notices within a second that its sweep is gone
+    while time.time() < deadline and job_processes():
+        time.sleep(0.2)
+    assert not job_processes()
+    assert job_states.job_state(job.run_dir) == "stale"
