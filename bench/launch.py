@@ -44,8 +44,8 @@ class SlurmLauncher:
     gpus: int = 1  # per job and node; more than 1: one Slurm task per GPU, a distributed job (bench/distributed.py)
     nodes: int = 1  # per job; more than 1: a distributed job over tasks_per_node x nodes tasks
     tasks_per_node: int | None = None  # null: one per GPU (1 for a CPU job); a CPU job (gpus 0) may set more (gloo)
-    cpus: int = 8  # per job (also its torch threads)
-    mem_gb: float = 32
+    cpus: int = 8  # per task, i.e. per process (also its torch threads)
+    mem_gb: float = 32  # per task: --mem (per node) asks for mem_gb x tasks_per_node
     time_min: int = 240  # per attempt; a job that times out is requeued and resumes
     array_parallelism: int = 256  # array tasks running at once
     max_array_size: int | None = None  # null: Slurm's MaxArraySize; bigger sweeps go out as several arrays
@@ -70,7 +70,7 @@ LAUNCHERS = ("debug", "local", "slurm")
 # launcher.slurm's numbers: key -> (lowest allowed, what it is); max_array_size may also be null
 _SLURM_BOUNDS = {"gpus": (0, "GPUs per job and node; 0 for a CPU job"), "nodes": (1, "nodes per job"),
                  "tasks_per_node": (1, "processes per node; null: one per GPU"),
-                 "cpus": (1, "CPU cores per job"), "mem_gb": (0, "memory per job, GiB"),
+                 "cpus": (1, "CPU cores per task"), "mem_gb": (0, "memory per task, GiB"),
                  "time_min": (1, "minutes per attempt"), "array_parallelism": (1, "array tasks running at once"),
                  "max_array_size": (1, "tasks per job array; null: Slurm's MaxArraySize"),
                  "signal_delay_s": (0, "seconds between the requeue signal and the time limit")}
@@ -102,8 +102,9 @@ def processes(sc: SlurmLauncher) -> int:
 
 
 def check_processes(jobs, lc: LauncherConfig, kind: str, source: str) -> None:
-    """On Slurm, every job can be split over its processes (a method with an accumulation route, a batch of at
-    least processes x accum_steps): checked for the plan, not discovered by each job once it runs."""
+    """Where the launcher runs each job as several processes (launcher.slurm's tasks, launcher.local.processes),
+    every job can be split over them (a method with an accumulation route, a batch of at least processes x
+    accum_steps): checked for the plan, not discovered by each job once it runs."""
     from bench import distributed
     from bench.method import METHODS
 
