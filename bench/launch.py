@@ -142,6 +142,7 @@ class Plan:
     jobs: list[Job]
     states: list[str]
     retry: bool = False
+    notes: list[str] = field(default_factory=list)  # what the plan learnt beyond the job folders (Slurm's queue)
 
     @property
     def counts(self) -> collections.Counter:
@@ -154,7 +155,12 @@ class Plan:
 
 
 def make_plan(jobs: list[Job], retry: bool = False, stale_after: float = job_states.STALE_AFTER_S) -> Plan:
-    return Plan(jobs, job_states.states([j.run_dir for j in jobs], stale_after), retry)
+    plan = Plan(jobs, job_states.states([j.run_dir for j in jobs], stale_after), retry)
+    if "submitted" in plan.states:  # jobs in a Slurm queue: asked there whether they still are
+        from bench import slurm
+
+        slurm.reconcile(plan, stale_after)
+    return plan
 
 
 def _job_seconds(job: Job) -> float | None:
@@ -228,6 +234,7 @@ def status_text(source: str, sweep: SweepConfig, plan: Plan, kind: str) -> str:
     failed = [j for j, s in zip(plan.jobs, plan.states) if s == "failed"][:3]
     for j in failed:
         lines.append(f"  failed: {j.run_dir / job_states.FAILED}: {_last_line(j.run_dir / job_states.FAILED)}")
+    lines += [f"  {note}" for note in plan.notes]
     return "\n".join(lines)
 
 

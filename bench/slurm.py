@@ -3,6 +3,8 @@
 The launcher.slurm section itself (its fields and range checks) is configuration: bench.launch."""
 from __future__ import annotations
 
+import collections
+import getpass
 import logging
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from bench import jobs as job_states
 from bench.errors import BenchError
-from bench.launch import Report, submitit_folder, tasks_per_node, write_folder
+from bench.launch import Plan, Report, submitit_folder, tasks_per_node, write_folder
 
 if TYPE_CHECKING:
     from bench.sweep import Job, SweepConfig
@@ -117,3 +119,59 @@ def launch_slurm(jobs: list[Job], sweep: SweepConfig, task) -> Report:
         report.slurm_ids.append(array_id)
         log.info("slurm array %s: %d jobs", array_id, len(chunk))
     return report
+
+
+# ---- the queue -----------------------------------------------------------------------------------
+def queue() -> dict[str, tuple[str, str]] | None:
+    """This user's jobs in Slurm's queue: job id ('123_4' for an array task) -> (state, reason); None where
+    squeue cannot be asked (not on PATH, no cluster answering)."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        done = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    out = {}
+    for line in done.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            out[parts[0]] = (parts[1], parts[2])
+    return out
+
+
+def reconcile(plan: Plan, stale_after: float) -> None:
+    """The plan's `submitted` Slurm jobs against Slurm's queue. One that the queue no longer holds and that never
+    started (no heartbeat, no result) is lost, not waiting: cancelled while pending, or failed before the harness
+    ran (a broken `setup` line, a bad environment); it becomes `stale`, which --retry relaunches. A note says how
+    the queued ones wait (pending reasons) and where a lost one's log is."""
+    ids = {}
+    for i, (job, state) in enumerate(zip(plan.jobs, plan.states)):
+        if state == "submitted":
+            info = job_states.read_json(job.run_dir / job_states.SUBMITTED)
+            if info.get("launcher") == "slurm" and info.get("slurm_job_id"):
+                ids[i] = info
+    if not ids:
+        return
+    queued = queue()
+    if queued is None:
+        plan.notes.append("slurm: squeue did not answer here; submitted jobs are counted from their folders alone")
+        return
+    waiting = collections.Counter()
+    lost = []
+    for i, info in ids.items():
+        entry = queued.get(info["slurm_job_id"])
+        if entry is not None:
+            state, reason = entry
+            waiting[state.lower() + (f" ({reason})" if state == "PENDING" and reason not in ("", "None") else "")] += 1
+        elif job_states.job_state(plan.jobs[i].run_dir, stale_after) == "submitted":  # not started meanwhile
+            plan.states[i] = "stale"
+            lost.append(info)
+    if waiting:
+        plan.notes.append("slurm queue: " + ", ".join(f"{n:,} {what}" for what, n in waiting.most_common()))
+    if lost:
+        plan.notes.append(f"slurm: {len(lost):,} submitted job{'s are' if len(lost) > 1 else ' is'} no longer in "
+                          f"Slurm's queue and never started (cancelled, or failed before the job ran: see "
+                          f"{lost[0].get('log', 'its log')}); counted stale: --retry relaunches them")

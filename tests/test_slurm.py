@@ -167,3 +167,41 @@ def test_a_job_requeued_half_way_resumes_and_ends_as_an_unbroken_run(slurm_clust
     a = torch.load(job.run_dir / results.FINAL)["method"]
     b = torch.load(unbroken / results.FINAL)["method"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_status_asks_slurm_how_submitted_jobs_wait_and_which_are_lost(slurm_cluster, embedded_root, tmp_path, capsys):
+    """A pending job is shown with its reason; one that the queue no longer holds and that never started (here
+    cancelled while pending; also a job whose setup line failed) is stale, which --retry relaunches."""
+    later = {**SLURM, "slurm": {**SLURM["slurm"], "sbatch": {"begin": "now+1hour"}}}
+    path = sweep_yaml(tmp_path, embedded_root, methods=["erm"], launcher=later)
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    (job,) = sweep.expand(sweep.load_sweep(path), str(path))
+    slurm_id = job_states.read_json(job.run_dir / job_states.SUBMITTED)["slurm_job_id"]
+    try:
+        capsys.readouterr()
+        assert main(["status", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "submitted 1" in out and "slurm queue: 1 pending (BeginTime)" in out, out
+    finally:
+        subprocess.run(["scancel", slurm_id.split("_")[0]], check=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm_id in subprocess.run(["squeue", "-h", "-r", "-o", "%i"],
+                                                                  capture_output=True, text=True).stdout.split():
+        time.sleep(0.5)
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "stale 1" in out and "1 submitted job is no longer in Slurm's queue and never started" in out, out
+    assert "to launch: 0 (and 1 failed or stale: add --retry to relaunch them)" in out
+
+    broken = {**SLURM, "slurm": {**SLURM["slurm"], "setup": ["exit 3"]}}  # the job dies before the harness runs
+    path = sweep_yaml(tmp_path / "b", embedded_root, methods=["erm"], launcher=broken)
+    assert main(["sweep", str(path), "--no-progress"]) == 0
+    (job,) = sweep.expand(sweep.load_sweep(path), str(path))
+    slurm_id = job_states.read_json(job.run_dir / job_states.SUBMITTED)["slurm_job_id"]
+    deadline = time.time() + 60
+    while time.time() < deadline and slurm_id in subprocess.run(["squeue", "-h", "-r", "-o", "%i"],
+                                                                  capture_output=True, text=True).stdout.split():
+        time.sleep(0.5)
+    capsys.readouterr()
+    assert main(["status", str(path)]) == 0
+    assert "stale 1" in capsys.readouterr().out
