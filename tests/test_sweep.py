@@ -438,20 +438,20 @@ def test_local_resources_share_gpus_and_cores_between_multi_process_jobs(monkeyp
     """(workers, threads per process, GPUs): a job of N processes holds N GPUs; on the CPU, N processes' threads."""
     import torch
 
-    from bench import launch
+    from bench import local
 
-    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert launch.local_resources(10, "auto", "auto", 1) == (8, 1, [])
-    assert launch.local_resources(10, "auto", "auto", 2) == (4, 1, [])
-    assert launch.local_resources(10, 1, "auto", 2) == (1, 4, [])
-    assert launch.local_resources(1, "auto", "auto", 1) == (1, 8, [])
+    assert local.local_resources(10, "auto", "auto", 1) == (8, 1, [])
+    assert local.local_resources(10, "auto", "auto", 2) == (4, 1, [])
+    assert local.local_resources(10, 1, "auto", 2) == (1, 4, [])
+    assert local.local_resources(1, "auto", "auto", 1) == (1, 8, [])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert launch.local_resources(10, "auto", "auto", 1) == (4, 2, [0, 1, 2, 3])
-    assert launch.local_resources(10, "auto", "auto", 2) == (2, 2, [0, 1, 2, 3])
-    assert launch.local_resources(10, "auto", "auto", 3) == (1, 2, [0, 1, 2, 3])
-    assert launch.local_resources(10, 8, "auto", 1)[0] == 4  # no job without its GPU
+    assert local.local_resources(10, "auto", "auto", 1) == (4, 2, [0, 1, 2, 3])
+    assert local.local_resources(10, "auto", "auto", 2) == (2, 2, [0, 1, 2, 3])
+    assert local.local_resources(10, "auto", "auto", 3) == (1, 2, [0, 1, 2, 3])
+    assert local.local_resources(10, 8, "auto", 1)[0] == 4  # no job without its GPU
     with pytest.raises(BenchError, match=r"^launcher.local.processes: 5 processes a job, one GPU each, but this "
                                          r"machine has 4 GPUs; set it to at most 4$"):
-        launch.local_resources(10, "auto", "auto", 5)
+        local.local_resources(10, "auto", "auto", 5)
