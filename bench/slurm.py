@@ -128,7 +128,11 @@ def queue() -> dict[str, tuple[str, str]] | None:
     if shutil.which("squeue") is None:
         return None
     try:
-        done = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"],
+        user = ["-u", getpass.getuser()]
+    except (KeyError, OSError):  # no name for this uid (a container): every user's jobs, which hold ours
+        user = []
+    try:
+        done = subprocess.run(["squeue", "-h", "-r", *user, "-o", "%i|%T|%r"],
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
