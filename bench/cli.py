@@ -194,10 +194,8 @@ def cmd_sweep(args) -> None:
     if kind == "slurm" and plan.to_launch:  # before the plan is shown or any job folder written
         from bench import slurm
 
-        checked = slurm.check_submission(sw, len(plan.to_launch), args.file)
+        plan.notes.append(slurm.check_submission(sw, len(plan.to_launch), args.file))
     print(launch.status_text(args.file, sw, plan, kind), file=sys.stderr)
-    if kind == "slurm" and plan.to_launch:
-        print(f"  {checked}", file=sys.stderr)
     if args.dry_run or not plan.to_launch:
         return
     report = launch.launch(plan.to_launch, sw, kind, progress=not args.no_progress, workers=args.workers)

@@ -51,6 +51,15 @@ def wait_for(jobs, states=("done", "failed"), timeout=240):
     raise AssertionError(f"jobs not finished after {timeout} s: {now}\n{squeue}\n" + "\n".join(tails))
 
 
+def wait_until_dequeued(slurm_id: str, timeout: float) -> None:
+    """Until Slurm's queue (bench.slurm.queue, as `bench status` reads it) no longer holds this job."""
+    from bench import slurm
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and slurm_id in (slurm.queue() or {}):
+        time.sleep(0.5)
+
+
 def test_a_sweep_through_slurm_equals_the_same_sweep_run_locally(slurm_cluster, embedded_root, tmp_path):
     grid = dict(methods=["zeroshot", "erm"], test_domains=[["sketch"]])
     on_slurm = sweep_yaml(tmp_path / "a", embedded_root, launcher=SLURM, **grid)
@@ -184,10 +193,7 @@ def test_status_asks_slurm_how_submitted_jobs_wait_and_which_are_lost(slurm_clus
         assert "submitted 1" in out and "slurm queue: 1 pending (BeginTime)" in out, out
     finally:
         subprocess.run(["scancel", slurm_id.split("_")[0]], check=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and slurm_id in subprocess.run(["squeue", "-h", "-r", "-o", "%i"],
-                                                                  capture_output=True, text=True).stdout.split():
-        time.sleep(0.5)
+    wait_until_dequeued(slurm_id, timeout=30)
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert "stale 1" in out and "1 submitted job is no longer in Slurm's queue and never started" in out, out
@@ -198,10 +204,7 @@ def test_status_asks_slurm_how_submitted_jobs_wait_and_which_are_lost(slurm_clus
     assert main(["sweep", str(path), "--no-progress"]) == 0
     (job,) = sweep.expand(sweep.load_sweep(path), str(path))
     slurm_id = job_states.read_json(job.run_dir / job_states.SUBMITTED)["slurm_job_id"]
-    deadline = time.time() + 60
-    while time.time() < deadline and slurm_id in subprocess.run(["squeue", "-h", "-r", "-o", "%i"],
-                                                                  capture_output=True, text=True).stdout.split():
-        time.sleep(0.5)
+    wait_until_dequeued(slurm_id, timeout=60)
     capsys.readouterr()
     assert main(["status", str(path)]) == 0
     assert "stale 1" in capsys.readouterr().out
